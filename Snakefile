@@ -1,0 +1,11 @@
+# Snakemake entry point. The rules come from dvc.yaml (workflow/rules/dvc_stages.smk):
+#   snakemake --cores 2                                      # local
+#   snakemake --workflow-profile workflow/profiles/slurm     # SLURM cluster
+# After a Snakemake build, `dvc commit -f` records the outputs so `dvc status` is clean.
+include: "workflow/rules/dvc_stages.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        [out for _n, _d, outs, _v, _c in DVC_RULES for out, _is_dir in outs],
