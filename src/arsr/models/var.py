@@ -1,0 +1,420 @@
+"""VAR: next-scale autoregressive transformer (Tian et al. 2024, FoundationVision/VAR), class mode.
+
+An image is a pyramid of token maps (``patch_nums``, e.g. 1,2,3,...,16); the model predicts all
+tokens of scale s+1 at once from scales 0..s. The sequence holds L = sum(pn^2) positions: a start
+token (the condition) and the L-1 teacher-forcing inputs, each the cumulative VAE reconstruction
+of earlier scales area-downsampled to the next grid (``vae.quantize.idxBl_to_var_input``).
+Attention is block-causal (a query sees its own scale and every earlier one); at inference the
+KV cache makes the mask unnecessary.
+
+``NextScaleAR`` holds everything the class-conditional ``VAR`` and the LR-conditioned ``SRVAR``
+(srvar.py) share. The VQVAE is never a submodule: it is passed to the methods that need it.
+
+Deliberate difference from the reference: the condition dropout for CFG is applied only in
+training. VAR also drops 10% of labels in eval, which makes its validation loss noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arsr.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, CrossAttnBlock, sample_top_k_top_p
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256 px pyramid, L = 680
+
+# VAR's rule: no weight decay on 1-D params, biases, and names containing any of these.
+NO_DECAY_KEYS = (
+    "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+    "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
+)  # fmt: skip
+
+# pick(si, logits_nBlV) -> idx_Bl: chooses scale si's tokens from the raw logits (n = 2 with CFG).
+Picker = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class Quantizer(Protocol):
+    """What the AR loop needs from the VQVAE's multi-scale quantizer (arsr.models.quant)."""
+
+    embedding: nn.Embedding
+
+    def get_next_autoregressive_input(
+        self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TokenizerVAE(Protocol):
+    quantize: Quantizer
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor: ...
+
+
+def var_no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """VAR's no-decay rule. Note that ``class_emb`` and ``word_embed`` weights ARE decayed."""
+    return param.ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYS)
+
+
+def cfg_mix(logits_2BlV: torch.Tensor, t: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: (1+t) * cond - t * uncond (conditional half first)."""
+    B = logits_2BlV.shape[0] // 2
+    return (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+
+
+def ar_loss(
+    logits_BLV: torch.Tensor, gt_BL: torch.Tensor, last_l: int, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training CE (mean over tokens) and VAR's metrics as detached 0-d tensors.
+
+    Lm / Accm: CE without smoothing / top-1 accuracy (%) over all L tokens; Lt / Acct: the same over
+    the last scale's ``last_l`` tokens.
+    """
+    V = logits_BLV.shape[-1]
+    flat, tgt = logits_BLV.reshape(-1, V), gt_BL.reshape(-1)
+    loss = F.cross_entropy(flat, tgt, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        ce_BL = F.cross_entropy(flat.detach().float(), tgt, reduction="none").view_as(gt_BL)
+        hit_BL = (logits_BLV.detach().argmax(-1) == gt_BL).float() * 100
+        metrics = {
+            "Lm": ce_BL.mean(),
+            "Lt": ce_BL[:, -last_l:].mean(),
+            "Accm": hit_BL.mean(),
+            "Acct": hit_BL[:, -last_l:].mean(),
+        }
+    return loss, metrics
+
+
+class SharedAdaLin(nn.Linear):
+    """Condition -> one set of six AdaLN vectors shared by all blocks (VAR's ``shared_aln``)."""
+
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)  # [B,1,6,C]
+
+
+class NextScaleAR(nn.Module):
+    """Embeddings, block stack, head, init, teacher-forced pass and KV-cached decoding loop.
+
+    Subclasses provide the condition: a start vector ``sos_BD`` and an AdaLN condition ``cond_BD``
+    (both [B,D]); ``cross_attn=True`` adds cross-attention to a [B,Lk,C] key/value set per block.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        patch_nums: Sequence[int],
+        vocab_size: int,
+        Cvae: int,
+        width: int = 0,
+        heads: int = 0,
+        mlp_ratio: float = 4.0,
+        drop_path: float | None = None,
+        attn_l2_norm: bool = True,
+        alng: float = 1e-5,
+        shared_aln: bool = False,
+        norm_eps: float = 1e-6,
+        cond_drop: float = 0.1,
+        cross_attn: bool = False,
+    ) -> None:
+        super().__init__()
+        # VAR's scaling rule: width 64*depth, head_dim 64, stochastic depth 0.1*depth/24.
+        self.depth, self.C = depth, width or 64 * depth
+        self.D, self.num_heads = self.C, heads or depth
+        self.patch_nums = tuple(patch_nums)
+        self.V, self.Cvae, self.alng, self.cond_drop = vocab_size, Cvae, alng, cond_drop
+        self.L = sum(pn * pn for pn in self.patch_nums)
+        self.first_l = self.patch_nums[0] ** 2
+        ends = [sum(pn * pn for pn in self.patch_nums[: i + 1]) for i in range(len(self.patch_nums))]
+        self.begin_ends = list(zip([0] + ends[:-1], ends))
+        C, init_std = self.C, math.sqrt(1 / (3 * self.C))
+
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, C))  # absolute position of every token
+        nn.init.trunc_normal_(self.pos_start, std=init_std)
+        nn.init.trunc_normal_(self.pos_1LC, std=init_std)
+        # Scale id of each position; block-causal mask: query sees key iff level(q) >= level(k).
+        lvl_L = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)])
+        self.register_buffer("lvl_1L", lvl_L[None].clone())
+        mask_LL = torch.where(lvl_L[:, None] >= lvl_L[None, :], 0.0, -torch.inf)
+        self.register_buffer("attn_bias_for_masking", mask_LL.view(1, 1, self.L, self.L).contiguous())
+
+        self.word_embed = nn.Linear(Cvae, C)
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
+        self.shared_ada_lin = (
+            nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * C)) if shared_aln else nn.Identity()
+        )
+        dp = 0.1 * depth / 24 if drop_path is None else drop_path
+        block_cls = CrossAttnBlock if cross_attn else AdaLNSelfAttn
+        self.blocks = nn.ModuleList(
+            block_cls(
+                C,
+                self.D,
+                self.num_heads,
+                mlp_ratio=mlp_ratio,
+                drop_path=dp * i / max(depth - 1, 1),
+                attn_l2_norm=attn_l2_norm,
+                norm_eps=norm_eps,
+                shared_aln=shared_aln,
+            )  # fmt: skip
+            for i in range(depth)
+        )
+        self.head_nm = AdaLNBeforeHead(C, self.D, norm_eps)
+        self.head = nn.Linear(C, vocab_size)
+
+    @torch.no_grad()
+    def init_weights(self, aln: float = 0.5, head: float = 0.02) -> None:
+        """VAR's init (call after building every submodule it should cover).
+
+        Trunc-normal std sqrt(1/(3C)) on all Linear/Embedding, zero biases; head weight x ``head``;
+        AdaLN scale/shift rows x ``aln``, gamma rows x ``alng``; attn.proj / ffn.fc2 (and ca.proj)
+        weights / sqrt(2 depth).
+        """
+        init_std = math.sqrt(1 / (3 * self.C))
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        self.head.weight.mul_(head)
+        self.head_nm.ada_lin[-1].weight.mul_(aln)
+        C, div = self.C, math.sqrt(2 * self.depth)
+        for b in self.blocks:
+            b.attn.proj.weight.div_(div)
+            b.ffn.fc2.weight.div_(div)
+            if isinstance(b, CrossAttnBlock):
+                b.ca.proj.weight.div_(div)
+            if hasattr(b, "ada_lin"):  # rows: [gamma1, gamma2 | scale1, scale2, shift1, shift2]
+                b.ada_lin[-1].weight[2 * C :].mul_(aln)
+                b.ada_lin[-1].weight[: 2 * C].mul_(self.alng)
+            else:
+                b.ada_gss[:, :, 2:].mul_(aln)
+                b.ada_gss[:, :, :2].mul_(self.alng)
+
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """True for parameters AdamW must not decay (VAR's rule)."""
+        return var_no_weight_decay(name, param)
+
+    # ---- transformer passes -------------------------------------------------------------------
+    def _blocks(
+        self,
+        x_BLC: torch.Tensor,
+        cond: torch.Tensor,
+        attn_bias: torch.Tensor | None,
+        kv_BLC: torch.Tensor | None,
+    ) -> torch.Tensor:
+        for b in self.blocks:
+            x_BLC = b(x_BLC, cond, attn_bias) if kv_BLC is None else b(x_BLC, cond, attn_bias, kv_BLC)
+        return x_BLC
+
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Head in fp32 even under autocast -> logits [B,L,V]."""
+        with torch.autocast(h_BLC.device.type, enabled=False):
+            return self.head(self.head_nm(h_BLC.float(), cond_BD.float()))
+
+    def hidden_states(
+        self,
+        sos_BD: torch.Tensor,
+        cond_BD: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        kv_BLC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced pass over all L positions -> last block's output h_BLC [B,L,C]."""
+        B = x_BLCv_wo_first_l.shape[0]
+        with torch.autocast(x_BLCv_wo_first_l.device.type, enabled=False):  # embeddings in fp32, as VAR
+            sos_BlC = sos_BD.float()[:, None].expand(B, self.first_l, -1) + self.pos_start
+            x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+            x_BLC = x_BLC + self.lvl_embed(self.lvl_1L) + self.pos_1LC
+            cond = self.shared_ada_lin(cond_BD.float())
+        return self._blocks(x_BLC, cond, self.attn_bias_for_masking, kv_BLC)
+
+    def _kv_caching(self, enable: bool) -> None:
+        for b in self.blocks:
+            b.attn.kv_caching(enable)
+            if isinstance(b, CrossAttnBlock):
+                b.ca.kv_caching(enable)
+
+    def guided_sampler(
+        self, B: int, cfg: float, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None
+    ) -> Picker:
+        """Default picker: CFG with t = cfg * si/(SN-1) (none at scale 0), then top-k/top-p sampling."""
+        SN = len(self.patch_nums)
+
+        def pick(si: int, logits_nBlV: torch.Tensor) -> torch.Tensor:
+            if logits_nBlV.shape[0] != B:
+                logits_nBlV = cfg_mix(logits_nBlV, cfg * si / max(SN - 1, 1))
+            return sample_top_k_top_p(logits_nBlV, top_k, top_p, generator)
+
+        return pick
+
+    @torch.no_grad()
+    def decode(
+        self,
+        sos_BD: torch.Tensor,
+        cond_BD: torch.Tensor,
+        vae: TokenizerVAE,
+        B: int,
+        pick: Picker,
+        kv_BLC: torch.Tensor | None = None,
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Generate scale by scale -> (f_hat_BChw, idx_Bl per scale, last scale's hidden states [nB,l,C]).
+
+        sos_BD / cond_BD (and kv_BLC) hold nB = B rows, or 2B with the unconditional half second
+        (CFG). ``pick`` gets each scale's raw logits [nB,l,V] and returns its tokens [B,l]. With
+        ``use_cache`` each step feeds only the new scale (no mask needed); without it the whole
+        prefix is recomputed under the block-causal mask (slower, same numbers).
+        """
+        quant, SN, pn_last = vae.quantize, len(self.patch_nums), self.patch_nums[-1]
+        nB, rep = sos_BD.shape[0], sos_BD.shape[0] // B
+        lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        cond = self.shared_ada_lin(cond_BD)
+        next_BlC = (
+            sos_BD[:, None].expand(nB, self.first_l, -1) + self.pos_start + lvl_pos_1LC[:, : self.first_l]
+        )
+        f_hat = sos_BD.new_zeros(B, self.Cvae, pn_last, pn_last)
+        idx_Bl_list: list[torch.Tensor] = []
+        prefix: list[torch.Tensor] = []
+        self._kv_caching(use_cache)
+        try:
+            for si, (pn, (bg, ed)) in enumerate(zip(self.patch_nums, self.begin_ends)):
+                if use_cache:
+                    h_BlC = self._blocks(next_BlC, cond, None, kv_BLC)
+                else:
+                    prefix.append(next_BlC)
+                    mask = self.attn_bias_for_masking[:, :, :ed, :ed]
+                    h_BlC = self._blocks(torch.cat(prefix, dim=1), cond, mask, kv_BLC)[:, bg:]
+                idx_Bl = pick(si, self.get_logits(h_BlC, cond_BD))
+                idx_Bl_list.append(idx_Bl)
+                h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+                f_hat, next_BChw = quant.get_next_autoregressive_input(si, SN, f_hat, h_BChw)
+                if si + 1 < SN:  # next input: cumulative reconstruction on the next grid
+                    bg, ed = self.begin_ends[si + 1]
+                    next_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, bg:ed]
+                    next_BlC = next_BlC.repeat(rep, 1, 1)
+        finally:
+            self._kv_caching(False)
+        return f_hat, idx_Bl_list, h_BlC
+
+
+class VAR(NextScaleAR):
+    """Class-conditional VAR. ``VAR(depth=16)`` has exactly the state dict of the official var_d16.pth.
+
+    Defaults follow VAR's build: width 64*depth, heads = depth, mlp 4, drop_path 0.1*depth/24,
+    cond_drop 0.1 (training only), attn_l2_norm, no shared AdaLN, 1000 classes (+1 unconditional).
+    """
+
+    def __init__(
+        self,
+        depth: int = 16,
+        num_classes: int = 1000,
+        patch_nums: Sequence[int] = PATCH_NUMS_256,
+        vocab_size: int = 4096,
+        Cvae: int = 32,
+        **kw: Any,
+    ) -> None:
+        super().__init__(depth, patch_nums, vocab_size, Cvae, **kw)
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, self.C)  # row num_classes = unconditional
+        self.init_weights()
+
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """label_B [B] int64, x_BLCv_wo_first_l [B,L-1,Cv] teacher-forcing input -> logits [B,L,V] fp32."""
+        if self.training and self.cond_drop > 0:  # per-sample label dropout for CFG
+            drop_B = torch.rand(label_B.shape[0], device=label_B.device) < self.cond_drop
+            label_B = torch.where(drop_B, self.num_classes, label_B)
+        cond_BD = self.class_emb(label_B)
+        return self.get_logits(self.hidden_states(cond_BD, cond_BD, x_BLCv_wo_first_l), cond_BD)
+
+    @torch.no_grad()
+    def sample_fhat(
+        self,
+        label_B: torch.Tensor,
+        vae: TokenizerVAE,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        pick: Picker | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """label_B [B] (negative = unconditional) -> (f_hat [B,Cv,h,w], idx_Bl per scale).
+
+        cfg = 0 runs only the conditional batch (identical to guidance with t = 0, half the work).
+        ``pick`` replaces the sampler (it then sees the raw, unmixed logits).
+        """
+        B = label_B.shape[0]
+        label_B = torch.where(label_B < 0, self.num_classes, label_B)
+        if cfg != 0:
+            label_B = torch.cat((label_B, torch.full_like(label_B, self.num_classes)))
+        cond_BD = self.class_emb(label_B)
+        pick = pick or self.guided_sampler(B, cfg, top_k, top_p, generator)
+        f_hat, idx_Bl_list, _ = self.decode(cond_BD, cond_BD, vae, B, pick, use_cache=use_cache)
+        return f_hat, idx_Bl_list
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(
+        self,
+        label_B: torch.Tensor,
+        vae: TokenizerVAE,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample images [B,3,H,W] in [0,1]. ``seed`` makes a fresh generator (same seed, same image)."""
+        if seed is not None:
+            generator = torch.Generator(label_B.device).manual_seed(seed)
+        f_hat, _ = self.sample_fhat(label_B, vae, cfg, top_k, top_p, generator, use_cache)
+        return vae.fhat_to_img(f_hat).clamp(-1, 1).add(1).mul(0.5)
+
+
+# ---- official checkpoints -----------------------------------------------------------------------
+def read_var_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official VAR checkpoint (a plain state dict, or a trainer checkpoint holding
+    ``trainer.var_wo_ddp``) with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such VAR checkpoint")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # trainer ckpts store their args
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a loadable torch checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("trainer"), dict) and "var_wo_ddp" in obj["trainer"]:
+        obj = obj["trainer"]["var_wo_ddp"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a VAR state dict (expected a mapping of names to tensors)")
+    return obj
+
+
+def load_official(path: str | Path, model: VAR | None = None) -> VAR:
+    """Load an official class-conditional VAR checkpoint strictly (e.g. var_d16.pth).
+
+    Without ``model`` a ``VAR(depth=n)`` with the 256 px pyramid is built, n read from the file.
+    """
+    sd = read_var_state_dict(path)
+    if model is None:
+        depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+        if depth == 0:
+            raise ValueError(f"{path}: no transformer blocks found; not a VAR checkpoint")
+        model = VAR(depth=depth)
+    mine = model.state_dict()
+    bad = [k for k in sd if k in mine and sd[k].shape != mine[k].shape]
+    missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
+    if bad or missing or unexpected:
+        raise ValueError(
+            f"{path}: does not match VAR(depth={model.depth}): shape mismatch {bad[:5]}, "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(sd, strict=True)
+    return model
