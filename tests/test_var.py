@@ -25,7 +25,7 @@ def tiny_vae() -> VQVAE:
 
 
 def tiny_var(**kw) -> VAR:
-    """A tiny VAR with its weights perturbed, so the condition visibly matters (fresh init is near-identity)."""
+    """A tiny VAR, weights perturbed so the condition visibly matters (a fresh init is near-identity)."""
     torch.manual_seed(1)
     model = VAR(**{**TINY_VAR, **kw})
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_teacher_forced_logits_equal_cached_decoding(use_cache: bool) -> None:
         seen.append(logits_nBlV)
         return gt[si]
 
-    f_hat, idx, = model.sample_fhat(label, vae, cfg=1.5, pick=feed_gt, use_cache=use_cache)  # fmt: skip
+    f_hat, idx = model.sample_fhat(label, vae, cfg=1.5, pick=feed_gt, use_cache=use_cache)
     cached = torch.cat(seen, dim=1)  # [2B, L, V], conditional half first
     assert (cached[:3] - tf_cond).abs().max() < 1e-5
     assert (cached[3:] - tf_uncond).abs().max() < 1e-5  # the unconditional half is the null class
@@ -155,7 +155,7 @@ def test_same_seed_same_image() -> None:
     a = model.autoregressive_infer_cfg(label, vae, cfg=2.0, top_k=20, top_p=0.9, seed=7)
     b = model.autoregressive_infer_cfg(label, vae, cfg=2.0, top_k=20, top_p=0.9, seed=7)
     c = model.autoregressive_infer_cfg(label, vae, cfg=2.0, top_k=20, top_p=0.9, seed=8)
-    assert a.shape == (2, 3, 8, 8) and 0 <= a.min() and a.max() <= 1
+    assert a.shape == (2, 3, 8, 8) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

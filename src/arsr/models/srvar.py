@@ -1,0 +1,291 @@
+"""SRVAR: VAR's next-scale transformer conditioned on a low-resolution image.
+
+The condition is ``lrf``, the VQVAE latent of the LR image bicubic-upsampled to HR size, so it lies
+on the same h x w grid as the HR tokens' last scale ([B,Cv,h,w] or flattened [B,h*w,Cv]). Following
+Infinity's text conditioning (and the "SRVAR" sketch in reference/var_srvar.md §2.3):
+
+    lrf -> RMSNorm -> attentive pool (learned query)      -> sos = cond_BD [B,D] (start token, AdaLN)
+        -> RMSNorm -> MLP (Cv -> D -> D, GELU tanh) + pos -> keys/values of a cross-attention per block
+
+Every block is self-attention with AdaLN, then ``x + ca(ca_norm(x), kv) * ca_gamma``, then the FFN
+with AdaLN. All LR grids have the same length, so the cross-attention is dense SDPA (no varlen
+packing, no padding mask).
+
+Deviation from the design note: a learned position embedding ``lr_pos_embed`` [1,h*w,D] is added to
+the cross-attention keys/values. Without it the LR tokens are an unordered set to the HR queries
+(Infinity's text tokens get their order from T5), and super-resolution needs spatial alignment.
+
+CFG: in training a sample's LR tokens are replaced by the learned ``cfg_uncond`` [h*w,Cv] with
+probability ``cond_drop`` (training only); at inference the batch is doubled with ``cfg_uncond`` and
+the logits mixed as (1+t) c - t u with t = cfg * si/(SN-1).
+
+Optional refiner (``refiner=True``): a DiffLoss head on the last scale that predicts the continuous
+residual the last scale's code misses; see :meth:`SRVAR.forward` and :func:`last_scale_residual`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from arsr.config import SRVARConfig
+from arsr.models.diffloss import DiffLoss
+from arsr.models.layers import AttentivePool, RMSNorm
+from arsr.models.var import NextScaleAR, Picker, TokenizerVAE, read_var_state_dict, var_no_weight_decay
+
+
+def last_scale_residual(
+    f_BChw: torch.Tensor,
+    x_BLCv_wo_first_l: torch.Tensor,
+    idx_last_Bl: torch.Tensor,
+    vae: TokenizerVAE,
+    SN: int,
+) -> torch.Tensor:
+    """r = f - f_hat [B,Cv,h,w], f_hat = scales 0..SN-2 from the teacher-forcing input plus the last
+    scale's tokens ``idx_last_Bl`` [B,h*w] (phi included).
+
+    The last teacher-forcing block is the cumulative f_hat of scales 0..SN-2 "area-downsampled" to
+    the full grid, i.e. that f_hat itself. With ground-truth tokens this is the quantisation error
+    (measure the refiner scale with it); with argmax predictions it is the refiner's target.
+    """
+    B, Cv, H, W = f_BChw.shape
+    f_prev = x_BLCv_wo_first_l[:, -H * W :].transpose(1, 2).reshape(B, Cv, H, W).float()
+    h_BChw = vae.quantize.embedding(idx_last_Bl).transpose(1, 2).reshape(B, Cv, H, W)
+    f_hat, _ = vae.quantize.get_next_autoregressive_input(SN - 1, SN, f_prev.clone(), h_BChw)
+    return f_BChw.float() - f_hat
+
+
+class SRVAR(NextScaleAR):
+    """LR-conditioned VAR. Inputs: ``lrf`` [B,Cv,h,w] or [B,h*w,Cv] with h = w = patch_nums[-1]."""
+
+    def __init__(
+        self,
+        depth: int,
+        patch_nums: Sequence[int],
+        vocab_size: int,
+        Cvae: int,
+        width: int = 0,
+        heads: int = 0,
+        mlp_ratio: float = 4.0,
+        drop_path: float | None = None,
+        attn_l2_norm: bool = True,
+        alng: float = 1e-3,
+        shared_aln: bool = False,
+        norm_eps: float = 1e-6,
+        cond_drop: float = 0.1,
+        pool_head_dim: int = 8,
+        refiner: bool = False,
+        refiner_width: int = 256,
+        refiner_depth: int = 3,
+        refiner_steps: str = "100",
+        refiner_scale: float = 1.0,
+        refiner_batch_mul: int = 4,
+    ) -> None:
+        super().__init__(
+            depth, patch_nums, vocab_size, Cvae, width, heads, mlp_ratio, drop_path, attn_l2_norm, alng,
+            shared_aln, norm_eps, cond_drop, cross_attn=True,
+        )  # fmt: skip
+        self._config = dict(
+            depth=depth, patch_nums=list(self.patch_nums), vocab_size=vocab_size, Cvae=Cvae, width=width,
+            heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path, attn_l2_norm=attn_l2_norm, alng=alng,
+            shared_aln=shared_aln, norm_eps=norm_eps, cond_drop=cond_drop, pool_head_dim=pool_head_dim,
+            refiner=refiner, refiner_width=refiner_width, refiner_depth=refiner_depth,
+            refiner_steps=refiner_steps, refiner_scale=refiner_scale, refiner_batch_mul=refiner_batch_mul,
+        )  # fmt: skip
+        C, D, self.lr_len = self.C, self.D, self.patch_nums[-1] ** 2
+        # Learned "null LR" for CFG (Infinity's init: trunc-normal std 1.2 / sqrt(channels)).
+        self.cfg_uncond = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(self.lr_len, Cvae), std=1.2) / Cvae**0.5
+        )
+        self.lr_norm = RMSNorm(Cvae, eps=norm_eps)
+        self.lr_pool = AttentivePool(Cvae, D, head_dim=pool_head_dim)
+        self.lr_proj = nn.Sequential(nn.Linear(Cvae, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.lr_pos_embed = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(1, self.lr_len, D), std=(3 * C) ** -0.5)
+        )
+        self.init_weights()  # before the refiner: DiffLoss initialises itself (MAR's init)
+
+        self.has_refiner = refiner
+        if refiner:
+            self.refiner_batch_mul = refiner_batch_mul
+            self.refiner_norm = nn.LayerNorm(C, eps=norm_eps)
+            self.refiner = DiffLoss(Cvae, C, refiner_depth, refiner_width, refiner_steps)
+            # Targets are divided by this (std of the residual on training tokens); kept in the state dict.
+            self.register_buffer("refiner_scale", torch.tensor(float(refiner_scale)))
+
+    def model_config(self) -> dict[str, Any]:
+        """Constructor kwargs (JSON-able): ``SRVAR(**m.model_config())`` rebuilds this architecture."""
+        cfg = dict(self._config)
+        if self.has_refiner:
+            cfg["refiner_scale"] = float(self.refiner_scale)
+        return cfg
+
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """VAR's rule, plus the whole refiner (MAR exempts its diffusion head the same way)."""
+        return var_no_weight_decay(name, param) or name.startswith("refiner.")
+
+    # ---- condition ------------------------------------------------------------------------------
+    def _lr_tokens(self, lrf: torch.Tensor) -> torch.Tensor:
+        if lrf.ndim == 4:  # [B,Cv,h,w] -> [B,h*w,Cv], row-major like the HR tokens
+            lrf = lrf.flatten(2).transpose(1, 2)
+        if lrf.shape[1:] != (self.lr_len, self.Cvae):
+            raise ValueError(
+                f"lrf: expected [B,{self.lr_len},{self.Cvae}] (or [B,Cv,h,w]), got {tuple(lrf.shape)}"
+            )
+        return lrf.float()
+
+    def condition(self, lrf_BlCv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LR tokens [B,h*w,Cv] -> (cond_BD [B,D] for sos and AdaLN, kv_BLC [B,h*w,D] for cross-attention)."""
+        with torch.autocast(lrf_BlCv.device.type, enabled=False):  # small; fp32 like Infinity's text path
+            lr = self.lr_norm(lrf_BlCv.float())
+            return self.lr_pool(lr), self.lr_proj(lr) + self.lr_pos_embed
+
+    # ---- training -------------------------------------------------------------------------------
+    def forward(
+        self,
+        lrf: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        f_BChw: torch.Tensor | None = None,
+        vae: TokenizerVAE | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced pass -> (logits_BLV fp32, diff_loss or None).
+
+        x_BLCv_wo_first_l: [B,L-1,Cv] from ``vae.idxBl_to_var_input``. With the refiner on, also
+        pass the HR pre-quantisation latent ``f_BChw`` [B,Cv,h,w] and the (frozen) ``vae``; the
+        refiner is trained on r = f - f_hat, with the argmax-predicted last-scale tokens in f_hat.
+        Loss = CE + diff_weight * diff_loss (see :func:`arsr.models.var.ar_loss`).
+        """
+        lrf_BlCv = self._lr_tokens(lrf)
+        if self.training and self.cond_drop > 0:  # per-sample; where() keeps cfg_uncond on the graph (DDP)
+            drop_B11 = torch.rand(lrf_BlCv.shape[0], 1, 1, device=lrf_BlCv.device) < self.cond_drop
+            lrf_BlCv = torch.where(drop_B11, self.cfg_uncond, lrf_BlCv)
+        cond_BD, kv_BLC = self.condition(lrf_BlCv)
+        h_BLC = self.hidden_states(cond_BD, cond_BD, x_BLCv_wo_first_l, kv_BLC)
+        logits_BLV = self.get_logits(h_BLC, cond_BD)
+        if not self.has_refiner:
+            return logits_BLV, None
+        if f_BChw is None or vae is None:
+            raise ValueError("SRVAR with refiner=True: forward needs f_BChw (HR latent) and vae")
+        l = self.lr_len
+        with torch.no_grad():
+            idx_Bl = logits_BLV[:, -l:].argmax(-1)
+            r_BChw = last_scale_residual(f_BChw, x_BLCv_wo_first_l, idx_Bl, vae, len(self.patch_nums))
+            target_NC = (r_BChw / self.refiner_scale).flatten(2).transpose(1, 2).reshape(-1, self.Cvae)
+        z_NC = self._refiner_cond(h_BLC[:, -l:], idx_Bl, vae).reshape(-1, self.C)
+        mul = self.refiner_batch_mul  # each token seen with `mul` independent noise levels (MAR, VARSR)
+        return logits_BLV, self.refiner(target_NC.repeat(mul, 1), z_NC.repeat(mul, 1))
+
+    def _refiner_cond(self, h_BlC: torch.Tensor, idx_Bl: torch.Tensor, vae: TokenizerVAE) -> torch.Tensor:
+        """Refiner condition: LN(last-scale hidden state + word embedding of the chosen code) [B,l,C]."""
+        return self.refiner_norm(h_BlC + self.word_embed(vae.quantize.embedding(idx_Bl).to(h_BlC.dtype)))
+
+    # ---- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_fhat(
+        self,
+        lrf: torch.Tensor,
+        vae: TokenizerVAE,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        pick: Picker | None = None,
+        refine: bool = True,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (f_hat [B,Cv,h,w], sampled idx_Bl per scale). cfg = 0 skips the unconditional batch.
+
+        ``pick`` replaces the sampler (it gets the raw logits [nB,l,V], n = 2 when cfg != 0), e.g. to
+        feed ground-truth tokens through the KV cache. With a refiner and ``refine``, the sampled
+        residual (no CFG) times ``refiner_scale`` is added to f_hat.
+        """
+        lrf_BlCv = self._lr_tokens(lrf)
+        B = lrf_BlCv.shape[0]
+        if cfg != 0:
+            lrf_BlCv = torch.cat((lrf_BlCv, self.cfg_uncond.expand(B, -1, -1)))
+        cond_BD, kv_BLC = self.condition(lrf_BlCv)
+        pick = pick or self.guided_sampler(B, cfg, top_k, top_p, generator)
+        f_hat, idx_Bl_list, h_BlC = self.decode(cond_BD, cond_BD, vae, B, pick, kv_BLC, use_cache)
+        if self.has_refiner and refine:
+            z_NC = self._refiner_cond(h_BlC[:B], idx_Bl_list[-1], vae).reshape(-1, self.C)
+            r_NC = self.refiner.sample(z_NC, generator=generator).float() * self.refiner_scale
+            f_hat = f_hat + r_NC.view(B, self.lr_len, self.Cvae).transpose(1, 2).reshape_as(f_hat)
+        return f_hat, idx_Bl_list
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(
+        self,
+        lrf: torch.Tensor,
+        vae: TokenizerVAE,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        refine: bool = True,
+    ) -> torch.Tensor:
+        """Super-resolve: -> HR images [B,3,H,W] in [0,1]. ``seed`` makes a fresh generator."""
+        if seed is not None:
+            generator = torch.Generator(lrf.device).manual_seed(seed)
+        f_hat, _ = self.sample_fhat(lrf, vae, cfg, top_k, top_p, generator, use_cache, refine=refine)
+        return vae.fhat_to_img(f_hat).clamp(-1, 1).add(1).mul(0.5)
+
+
+def srvar_kwargs(
+    cfg: SRVARConfig, patch_nums: Sequence[int], vocab_size: int, Cvae: int, refiner_scale: float = 1.0
+) -> dict[str, Any]:
+    """SRVAR constructor kwargs from params.yaml's ``srvar`` section and the tokenizer's facts."""
+    return dict(
+        depth=cfg.depth, patch_nums=[int(p) for p in patch_nums], vocab_size=vocab_size, Cvae=Cvae,
+        width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
+        attn_l2_norm=cfg.attn_l2_norm, alng=cfg.alng, cond_drop=cfg.cond_drop, refiner=cfg.refiner,
+        refiner_width=cfg.refiner_width, refiner_depth=cfg.refiner_depth, refiner_steps=cfg.refiner_steps,
+        refiner_scale=refiner_scale,
+    )  # fmt: skip
+
+
+def build_srvar(
+    cfg: SRVARConfig, patch_nums: Sequence[int], vocab_size: int, Cvae: int, refiner_scale: float = 1.0
+) -> SRVAR:
+    return SRVAR(**srvar_kwargs(cfg, patch_nums, vocab_size, Cvae, refiner_scale))
+
+
+@dataclass
+class InitReport:
+    """What :func:`init_from` did: parameter names loaded / left at their init / checkpoint keys unused."""
+
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "key: reason"
+
+    def summary(self) -> str:
+        return f"{len(self.loaded)} loaded, {len(self.new)} new, {len(self.skipped)} skipped"
+
+
+def init_from(model: SRVAR, path: str | Path) -> InitReport:
+    """Start SRVAR from an official class-conditional VAR checkpoint: load every parameter whose name
+    and shape match (blocks' self-attention, FFN and AdaLN, embeddings, head); everything else keeps
+    its init. Buffers (masks, level ids) are derived from the architecture and never loaded."""
+    sd = read_var_state_dict(path)
+    params = dict(model.named_parameters())
+    report, take = InitReport(), {}
+    for k, v in sd.items():
+        if k not in params:
+            report.skipped.append(f"{k}: {'buffer (derived)' if k in model.state_dict() else 'not in SRVAR'}")
+        elif v.shape != params[k].shape:
+            report.skipped.append(f"{k}: shape {tuple(v.shape)} != {tuple(params[k].shape)}")
+        else:
+            take[k] = v
+    model.load_state_dict(take, strict=False)
+    report.loaded = sorted(take)
+    report.new = sorted(k for k in params if k not in take)
+    return report
+
+
+__all__ = ["SRVAR", "InitReport", "build_srvar", "init_from", "last_scale_residual", "srvar_kwargs"]

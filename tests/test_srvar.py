@@ -1,0 +1,196 @@
+"""SRVAR (SR mode): LR conditioning, teacher forcing vs KV cache, CFG, sampling, init_from, refiner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from arsr.config import SRVARConfig
+from arsr.models.layers import sample_top_k_top_p
+from arsr.models.srvar import SRVAR, build_srvar, init_from, last_scale_residual, srvar_kwargs
+from arsr.models.var import VAR, ar_loss
+from arsr.models.vqvae import VQVAE
+
+PN = (1, 2, 3, 4)  # L = 30, 4x4 latent (and 4x4 LR grid)
+TINY_VAE = dict(vocab_size=32, z_channels=16, ch=8, ch_mult=(1, 2), patch_nums=PN)
+TINY = dict(depth=2, width=64, patch_nums=PN, vocab_size=32, Cvae=16, drop_path=0.0)
+REFINER = dict(refiner=True, refiner_width=32, refiner_depth=1, refiner_steps="4")
+
+
+def tiny_vae() -> VQVAE:
+    torch.manual_seed(0)
+    return VQVAE(**TINY_VAE).freeze()
+
+
+def tiny_srvar(**kw) -> SRVAR:
+    """A tiny SRVAR, weights perturbed so the condition visibly matters (a fresh init is near-identity)."""
+    torch.manual_seed(1)
+    model = SRVAR(**{**TINY, **kw})
+    with torch.no_grad():
+        for p in model.parameters():  # (the refiner's last layer starts at zero, as in MAR)
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def batch(vae: VQVAE, B: int, seed: int = 2) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Random ground-truth tokens, their teacher-forcing input, and an LR latent [B,Cv,4,4]."""
+    g = torch.Generator().manual_seed(seed)
+    idx = [torch.randint(0, vae.V, (B, pn * pn), generator=g) for pn in PN]
+    return idx, vae.idxBl_to_var_input(idx), torch.randn(B, 16, 4, 4, generator=g) * 3
+
+
+# ---- teacher forcing vs KV cache, CFG --------------------------------------------------------------
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_teacher_forced_logits_equal_cached_decoding(use_cache: bool) -> None:
+    vae, model = tiny_vae(), tiny_srvar()
+    gt, x, lrf = batch(vae, B=3)
+    with torch.no_grad():
+        tf_cond, _ = model(lrf, x)
+        tf_uncond, _ = model(model.cfg_uncond.expand(3, -1, -1), x)
+    seen: list[torch.Tensor] = []
+
+    def feed_gt(si: int, logits_nBlV: torch.Tensor) -> torch.Tensor:
+        seen.append(logits_nBlV)
+        return gt[si]
+
+    f_hat, _ = model.sample_fhat(lrf, vae, cfg=1.5, pick=feed_gt, use_cache=use_cache)
+    cached = torch.cat(seen, dim=1)  # [2B, L, V], conditional half first
+    assert (cached[:3] - tf_cond).abs().max() < 1e-5
+    assert (cached[3:] - tf_uncond).abs().max() < 1e-5  # the unconditional half is cfg_uncond's
+    assert (tf_cond - tf_uncond).abs().max() > 1e-2
+    assert torch.allclose(f_hat, vae.idxBl_to_fhat(gt), atol=1e-5)
+
+
+def test_lr_condition_layouts_and_spatial_order() -> None:
+    vae, model = tiny_vae(), tiny_srvar()
+    _, x, lrf = batch(vae, B=2)
+    with torch.no_grad():
+        grid, _ = model(lrf, x)
+        tokens, _ = model(lrf.flatten(2).transpose(1, 2), x)
+        shuffled, _ = model(lrf.flatten(2)[:, :, torch.randperm(16)].view_as(lrf), x)
+    assert torch.equal(grid, tokens)
+    assert (grid - shuffled).abs().max() > 1e-3  # LR positions matter (lr_pos_embed)
+    with pytest.raises(ValueError, match="lrf"):
+        model(lrf[:, :, :2], x)
+
+
+def test_cond_drop_only_in_training_and_keeps_cfg_uncond_on_graph() -> None:
+    vae = tiny_vae()
+    _, x, lrf = batch(vae, B=2)
+    model = tiny_srvar(cond_drop=1.0)
+    with torch.no_grad():
+        eval_logits, _ = model(lrf, x)
+        uncond, _ = model(model.cfg_uncond.expand(2, -1, -1), x)
+        model.train()
+        train_logits, _ = model(lrf, x)
+    assert not torch.allclose(eval_logits, uncond)
+    assert torch.allclose(train_logits, uncond, atol=1e-6)
+    model.cond_drop = 1e-9  # practically never dropped, yet cfg_uncond must get a (zero) grad for DDP
+    model(lrf, x)[0].sum().backward()
+    assert model.cfg_uncond.grad is not None and not model.cfg_uncond.grad.any()
+    assert model.blocks[0].ca.mat_kv.weight.grad.abs().sum() > 0
+
+
+def test_same_seed_same_image() -> None:
+    vae, model = tiny_vae(), tiny_srvar()
+    _, _, lrf = batch(vae, B=2)
+    a = model.autoregressive_infer_cfg(lrf, vae, cfg=1.5, top_k=20, top_p=0.9, seed=11)
+    b = model.autoregressive_infer_cfg(lrf, vae, cfg=1.5, top_k=20, top_p=0.9, seed=11)
+    c = model.autoregressive_infer_cfg(lrf, vae, cfg=1.5, top_k=20, top_p=0.9, seed=12)
+    assert a.shape == (2, 3, 8, 8) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cfg0_is_conditional_only_and_cfg_changes_tokens() -> None:
+    vae, model = tiny_vae(), tiny_srvar()
+    _, _, lrf = batch(vae, B=2)
+    _, idx = model.sample_fhat(lrf, vae, cfg=0, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tf, _ = model(lrf, vae.idxBl_to_var_input(idx))
+    g = torch.Generator().manual_seed(3)
+    for (bg, ed), idx_Bl in zip(model.begin_ends, idx):  # replaying the conditional logits
+        assert torch.equal(sample_top_k_top_p(tf[:, bg:ed], generator=g), idx_Bl)
+    _, greedy0 = model.sample_fhat(lrf, vae, cfg=0, top_k=1)
+    _, greedy3 = model.sample_fhat(lrf, vae, cfg=3.0, top_k=1)
+    assert torch.equal(greedy0[0], greedy3[0])  # t = 0 at scale 0
+    assert any(not torch.equal(a, b) for a, b in zip(greedy0[1:], greedy3[1:]))
+
+
+# ---- builder, optimizer rule, init_from --------------------------------------------------------------
+def test_builder_config_roundtrip_and_no_decay() -> None:
+    cfg = SRVARConfig(depth=2, width=64, refiner=True, refiner_width=32, refiner_depth=1, refiner_steps="4")
+    model = build_srvar(cfg, PN, vocab_size=32, Cvae=16, refiner_scale=0.7)
+    assert model.C == 64 and model.num_heads == 2 and model.alng == cfg.alng
+    assert srvar_kwargs(cfg, PN, 32, 16, 0.7)["refiner_scale"] == 0.7
+    rebuilt = SRVAR(**model.model_config())
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    assert float(rebuilt.refiner_scale) == pytest.approx(0.7)
+    exempt = {n for n, p in model.named_parameters() if model.no_weight_decay(n, p)}
+    for name in ("cfg_uncond", "lr_pos_embed", "blocks.0.ca_gamma", "blocks.0.attn.scale_mul_1H11",
+                 "lr_norm.weight", "refiner.net.input_proj.weight"):  # fmt: skip
+        assert name in exempt
+    for name in (
+        "lr_proj.0.weight",
+        "blocks.0.ca.mat_kv.weight",
+        "word_embed.weight",
+        "lr_pool.ca.mat_kv.weight",
+    ):
+        assert name not in exempt
+
+
+def test_init_from_official_var(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    var = VAR(depth=2, width=64, num_classes=10, patch_nums=PN, vocab_size=32, Cvae=16)
+    torch.save(var.state_dict(), tmp_path / "var.pth")
+    model = SRVAR(**TINY)
+    report = init_from(model, tmp_path / "var.pth")
+    assert "blocks.1.attn.mat_qkv.weight" in report.loaded and "head.weight" in report.loaded
+    assert torch.equal(model.blocks[1].ffn.fc2.weight, var.blocks[1].ffn.fc2.weight)
+    assert {"cfg_uncond", "lr_pos_embed", "blocks.0.ca.mat_q.weight", "blocks.0.ca_gamma"} <= set(report.new)
+    assert "class_emb.weight: not in SRVAR" in report.skipped
+    assert "attn_bias_for_masking: buffer (derived)" in report.skipped
+    assert len(report.loaded) + len(report.new) == len(list(model.parameters()))
+    other = SRVAR(**{**TINY, "patch_nums": (1, 2, 4)})  # another pyramid: positions do not transfer
+    report = init_from(other, tmp_path / "var.pth")
+    assert any(s.startswith("pos_1LC: shape") for s in report.skipped) and "pos_1LC" in report.new
+
+
+def test_ar_loss_on_srvar_logits() -> None:
+    vae, model = tiny_vae(), tiny_srvar()
+    gt, x, lrf = batch(vae, B=2)
+    logits, diff = model(lrf, x)
+    loss, m = ar_loss(logits, torch.cat(gt, 1), last_l=16)
+    assert diff is None and loss.requires_grad and set(m) == {"Lm", "Lt", "Accm", "Acct"}
+    assert 0 <= m["Acct"] <= 100
+
+
+# ---- refiner ----------------------------------------------------------------------------------
+def test_last_scale_residual_is_the_quantisation_error() -> None:
+    vae = tiny_vae()
+    f = torch.randn(2, 16, 4, 4)
+    idx = vae.f_to_idxBl(f)
+    r = last_scale_residual(f, vae.idxBl_to_var_input(idx), idx[-1], vae, SN=len(PN))
+    assert torch.allclose(r, f - vae.f_to_fhat(f), atol=1e-5)
+
+
+def test_refiner_trains_and_refines() -> None:
+    vae = tiny_vae()
+    gt, x, lrf = batch(vae, B=2)
+    f = vae.idxBl_to_fhat(gt) + 0.1 * torch.randn(2, 16, 4, 4)
+    model = tiny_srvar(**REFINER).train()
+    with pytest.raises(ValueError, match="f_BChw"):
+        model(lrf, x)
+    _, diff = model(lrf, x, f_BChw=f, vae=vae)
+    assert diff.ndim == 0 and torch.isfinite(diff)
+    diff.backward()
+    assert model.refiner.net.input_proj.weight.grad.abs().sum() > 0
+    assert model.blocks[-1].ffn.fc2.weight.grad.abs().sum() > 0  # the refiner's condition is h_last
+    assert model.head.weight.grad is None  # the target uses the argmax, no gradient through logits
+    model.eval()
+    plain, idx = model.sample_fhat(lrf, vae, generator=torch.Generator().manual_seed(5), refine=False)
+    refined, idx2 = model.sample_fhat(lrf, vae, generator=torch.Generator().manual_seed(5))
+    again, _ = model.sample_fhat(lrf, vae, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(idx, idx2))  # the refiner only adds a residual
+    assert not torch.allclose(plain, refined) and torch.equal(refined, again)
