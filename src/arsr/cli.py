@@ -1,6 +1,6 @@
 """The `arsr` command: one sub-command per DAG stage, plus tools.
 
-    arsr shard | train_vqvae | tokenize | train_srvar | train_mar | evaluate | report | upscale
+arsr shard | train_vqvae | tokenize | train_srvar | train_mar | evaluate | report | upscale
 """
 
 from __future__ import annotations

@@ -87,9 +87,7 @@ class DataConfig(Section):
     min_shards: int = Field(4, ge=1, description="shards per split at least (>= nproc x workers)")
     samples_per_shard: int = Field(1000, ge=1)
     workers: int = Field(2, ge=1, description="processes that decode/crop/resize")
-    max_image_pixels: int = Field(
-        89_478_485, ge=1, description="decompression-bomb limit (Pillow's default)"
-    )
+    max_image_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb limit (Pillow's default)")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -211,7 +209,9 @@ class Params(Section):
             )
         lr = self.data.hr_size // self.data.scale
         if lr < 4:
-            raise ValueError(f"data.hr_size: {self.data.hr_size} / scale {self.data.scale} leaves a {lr}px LR")
+            raise ValueError(
+                f"data.hr_size: {self.data.hr_size} / scale {self.data.scale} leaves a {lr}px LR"
+            )
         return self
 
 

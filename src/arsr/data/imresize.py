@@ -82,8 +82,10 @@ def imresize(
         if n_in == n_out and s == 1:
             continue
         w = _weights(n_in, n_out, s)
-        x = np.tensordot(w, x, axes=([1], [0])) if dim == 0 else np.moveaxis(
-            np.tensordot(w, np.moveaxis(x, 1, 0), axes=([1], [0])), 0, 1
+        x = (
+            np.tensordot(w, x, axes=([1], [0]))
+            if dim == 0
+            else np.moveaxis(np.tensordot(w, np.moveaxis(x, 1, 0), axes=([1], [0])), 0, 1)
         )
         if is_uint8:
             x = _round_uint8(x).astype(np.float64)

@@ -111,8 +111,17 @@ def _raw_samples(urls: Iterable[str]) -> Iterator[Sample]:
 # Training stream
 # --------------------------------------------------------------------------------------
 class _TrainStream(IterableDataset):
-    def __init__(self, urls: list[str], decode: Decode, micro_batch: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, start_step: int):
+    def __init__(
+        self,
+        urls: list[str],
+        decode: Decode,
+        micro_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        start_step: int,
+    ):
         super().__init__()
         self.node_urls = split_by_node(urls, rank, world_size)
         self.decode, self.micro_batch = decode, micro_batch
@@ -142,7 +151,9 @@ class _TrainStream(IterableDataset):
         first_local = (self.start_step + worker) // self.num_workers
         skip = first_local * self.micro_batch
         epoch, skip = divmod(skip, epoch_len)
-        stream = itertools.chain.from_iterable(self._epoch_samples(urls, logical, e) for e in itertools.count(epoch))
+        stream = itertools.chain.from_iterable(
+            self._epoch_samples(urls, logical, e) for e in itertools.count(epoch)
+        )
         stream = itertools.islice(stream, skip, None)
         while True:
             batch = [self.decode(s) for s in itertools.islice(stream, self.micro_batch)]
@@ -153,20 +164,35 @@ def _check_shards(urls: list[str], world_size: int, workers: int) -> None:
     need = world_size * max(1, workers)
     if len(urls) < need:
         raise ValueError(
-            f"{len(urls)} shard(s) for {world_size} rank(s) x {max(1, workers)} worker(s): every worker of every "
-            f"rank needs at least one shard (raise data.min_shards to >= {need}, or lower train.workers)"
+            f"{len(urls)} shard(s) for {world_size} rank(s) x {max(1, workers)} worker(s): every worker "
+            f"of every rank needs at least one shard (raise data.min_shards to >= {need}, "
+            "or lower train.workers)"
         )
 
 
-def train_loader(urls: list[str], *, decode: Decode, micro_batch: int, seed: int, rank: int,
-                 world_size: int, workers: int, start_step: int = 0,
-                 num_steps: int | None = None) -> Iterable[Sample]:
+def train_loader(
+    urls: list[str],
+    *,
+    decode: Decode,
+    micro_batch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    start_step: int = 0,
+    num_steps: int | None = None,
+) -> Iterable[Sample]:
     """Infinite (or ``num_steps``-long) iterator of collated micro-batches from ``start_step`` on."""
     urls = sorted(urls)
     _check_shards(urls, world_size, workers)
     stream = _TrainStream(urls, decode, micro_batch, seed, rank, world_size, workers, start_step)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
     return loader if num_steps is None else itertools.islice(loader, num_steps)
 
 
@@ -187,8 +213,9 @@ class _EvalStream(IterableDataset):
             yield default_collate(batch)
 
 
-def eval_loader(urls: list[str], *, decode: Decode, batch_size: int, rank: int = 0, world_size: int = 1,
-                workers: int = 0) -> Iterable[Sample]:
+def eval_loader(
+    urls: list[str], *, decode: Decode, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0
+) -> Iterable[Sample]:
     """Ordered batches; every sample exactly once over all ranks and workers."""
     stream = _EvalStream(sorted(urls), decode, batch_size, rank, world_size)
     return DataLoader(stream, batch_size=None, num_workers=workers)

@@ -164,7 +164,10 @@ def load_rgb(src: SourceImage, max_pixels: int) -> tuple[np.ndarray, list[str]]:
             # Pillow only warns between 1x and 2x the limit; treat every bomb as an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(src.path) as img:
+                rawmode = img.tile[0][3] if img.tile and isinstance(img.tile[0][3], str) else ""
                 img.load()
+                if img.mode == "RGB" and ";16" in rawmode:
+                    notes.append("16-bit RGB reduced to 8 bits")
                 return _pil_to_rgb(img, notes), notes
     except ImageError:
         raise

@@ -80,8 +80,9 @@ def score_y(sr: np.ndarray, hr: np.ndarray, scale: int) -> tuple[float, float]:
     return psnr(ys, yh, scale), ssim(ys, yh, scale)
 
 
-def bicubic_sr(hr: np.ndarray, scale: int, protocol: Protocol = "rgb-uint8",
-               lr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def bicubic_sr(
+    hr: np.ndarray, scale: int, protocol: Protocol = "rgb-uint8", lr: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Bicubic baseline: returns (SR, reference) images to pass to PSNR/SSIM on Y.
 
     ``rgb-uint8``: the LR is ``lr`` if given (e.g. an official LR_bicubic file) else the
@@ -99,8 +100,9 @@ def bicubic_sr(hr: np.ndarray, scale: int, protocol: Protocol = "rgb-uint8",
     return sr, hr
 
 
-def score_bicubic(hr: np.ndarray, scale: int, protocol: Protocol = "rgb-uint8",
-                  lr: np.ndarray | None = None) -> tuple[float, float]:
+def score_bicubic(
+    hr: np.ndarray, scale: int, protocol: Protocol = "rgb-uint8", lr: np.ndarray | None = None
+) -> tuple[float, float]:
     """(PSNR, SSIM) of the bicubic baseline on one HR image under ``protocol``."""
     sr, ref = bicubic_sr(hr, scale, protocol, lr)
     if protocol == "y-float":

@@ -79,7 +79,9 @@ def _process(task: tuple[SourceImage, DataConfig, int]) -> tuple[list[dict], lis
     h, w = rgb.shape[:2]
     if min(h, w) < cfg.hr_size:
         return [], notes, f"smaller than data.hr_size={cfg.hr_size} ({w}x{h})"
-    boxes = crop_grid(h, w, cfg.hr_size, cfg.crop_stride, cfg.max_crops_per_image, _crop_seed(seed, src.source_id))
+    boxes = crop_grid(
+        h, w, cfg.hr_size, cfg.crop_stride, cfg.max_crops_per_image, _crop_seed(seed, src.source_id)
+    )
     samples = []
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         key = f"{src.source_id}_{i:05d}"
@@ -143,9 +145,20 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
                 for sample in samples:
                     shard = writers[split].write(sample)
                     box = json.loads(sample["json"])["box"]
-                    rows.append({"key": sample["__key__"], "split": split, "source": src.ref,
-                                 "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
-                                 "label": src.label, "shard": shard, "reason": None})
+                    rows.append(
+                        {
+                            "key": sample["__key__"],
+                            "split": split,
+                            "source": src.ref,
+                            "x0": box[0],
+                            "y0": box[1],
+                            "x1": box[2],
+                            "y1": box[3],
+                            "label": src.label,
+                            "shard": shard,
+                            "reason": None,
+                        }
+                    )
                 if split == "train" and len(examples) < 8:
                     examples.extend(samples[: 8 - len(examples)])
         for split in SPLITS:
@@ -170,10 +183,24 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
         if stale.name not in keep:
             stale.unlink()
 
-    rows += [{"key": None, "split": "skipped", "source": s["source"], "x0": None, "y0": None, "x1": None,
-              "y1": None, "label": None, "shard": None, "reason": s["reason"]} for s in skipped]
-    manifest = pd.DataFrame(rows).astype({"x0": "Int64", "y0": "Int64", "x1": "Int64", "y1": "Int64",
-                                          "label": "Int64"})
+    rows += [
+        {
+            "key": None,
+            "split": "skipped",
+            "source": s["source"],
+            "x0": None,
+            "y0": None,
+            "x1": None,
+            "y1": None,
+            "label": None,
+            "shard": None,
+            "reason": s["reason"],
+        }
+        for s in skipped
+    ]
+    manifest = pd.DataFrame(rows).astype(
+        {"x0": "Int64", "y0": "Int64", "x1": "Int64", "y1": "Int64", "label": "Int64"}
+    )
     buf = io.BytesIO()
     manifest.to_parquet(buf, index=False)
     atomic_write_bytes(out / "manifest.parquet", buf.getvalue())
@@ -185,8 +212,12 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
         "hr_size": cfg.hr_size,
         "scale": cfg.scale,
         "splits": {
-            s: {"images": per_split_images[s], "samples": sum(writers[s].sizes), "shards": writers[s].count,
-                "shard_sizes": writers[s].sizes}
+            s: {
+                "images": per_split_images[s],
+                "samples": sum(writers[s].sizes),
+                "shards": writers[s].count,
+                "shard_sizes": writers[s].sizes,
+            }
             for s in SPLITS
         },
         "skipped": sorted(skipped, key=lambda d: d["source"]),
@@ -195,12 +226,20 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
     write_json(out / "stats.json", stats)
     elapsed = time.time() - t0
     n_img = sum(per_split_images.values())
-    write_json(Path(runs_dir) / "shard" / "timing.json",
-               {"seconds": round(elapsed, 3), "images": n_img, "images_per_s": round(n_img / elapsed, 3),
-                "samples": len(manifest) - len(skipped)})
+    write_json(
+        Path(runs_dir) / "shard" / "timing.json",
+        {
+            "seconds": round(elapsed, 3),
+            "images": n_img,
+            "images_per_s": round(n_img / elapsed, 3),
+            "samples": len(manifest) - len(skipped),
+        },
+    )
     _log_wandb(params, stats, examples, runs_dir)
-    print(f"shard: {stats['splits']['train']['samples']} train / {stats['splits']['val']['samples']} val "
-          f"samples from {n_img} images, {len(skipped)} skipped -> {out}")
+    print(
+        f"shard: {stats['splits']['train']['samples']} train / {stats['splits']['val']['samples']} val "
+        f"samples from {n_img} images, {len(skipped)} skipped -> {out}"
+    )
     return stats
 
 
@@ -213,7 +252,9 @@ def _log_wandb(params, stats: dict, examples: list[dict], runs_dir: str) -> None
     run.log(counts)
     run.summary_update(counts)
     if examples:
-        run.log_images("examples", [_example_grid(examples, params.data.scale)], captions=["LR (x nearest) | HR"])
+        run.log_images(
+            "examples", [_example_grid(examples, params.data.scale)], captions=["LR (x nearest) | HR"]
+        )
     run.finish()
 
 
