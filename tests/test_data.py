@@ -338,3 +338,20 @@ def test_train_loader_refuses_too_few_shards(odd_shards: list[str]) -> None:
         train_loader(
             odd_shards[:3], decode=decode_pair, micro_batch=2, seed=0, rank=0, world_size=2, workers=2
         )
+
+
+# --------------------------------------------------------------------------------------
+# W&B: the shard stage logs its counts and an example grid (offline run read back)
+# --------------------------------------------------------------------------------------
+def test_shard_logs_counts_and_examples_to_offline_wandb(builtin_shards: Path) -> None:
+    from wandb_read import history_keys, offline_runs, read_run, run_info
+
+    runs = offline_runs(builtin_shards / "runs" / "wandb")
+    assert len(runs) == 1
+    records = read_run(runs[0])
+    info = run_info(records)
+    assert info["job_type"] == "shard" and info["run_group"].startswith("pipe-")
+    assert info["config"]["update"]["data"]["hr_size"] == 64
+    logged = history_keys(records)
+    assert {"train/samples", "val/samples", "train/shards", "skipped", "examples.filenames"} <= logged
+    assert list((runs[0] / "files" / "media" / "images").glob("examples_*.png"))

@@ -207,6 +207,14 @@ class Params(Section):
                 f"vqvae.patch_nums: last entry {self.vqvae.patch_nums[-1]} must equal the latent grid "
                 f"data.hr_size / downsample = {self.data.hr_size} / {down} = {grid}"
             )
+        for name in ("vqvae", "srvar", "mar"):
+            train: TrainConfig = getattr(self, name).train
+            need = train.nproc * max(1, train.workers)
+            if self.data.min_shards < need:
+                raise ValueError(
+                    f"data.min_shards: {self.data.min_shards} is below {name}.train.nproc x workers = {need} "
+                    "(every worker of every rank needs a shard; fewer hangs DDP)"
+                )
         lr = self.data.hr_size // self.data.scale
         if lr < 4:
             raise ValueError(

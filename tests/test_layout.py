@@ -1,0 +1,60 @@
+"""The project's layout: declared dependencies agree, the DAG files exist, the CLI works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(p for p in pip if not p.startswith("-e")) == sorted(project["dependencies"])
+    assert any(dep.startswith("dvc==") for dep in project["dependencies"])  # DVC pinned
+
+
+def test_layout_files_exist() -> None:
+    for name in (
+        "Snakefile",
+        "dvc.yaml",
+        "params.yaml",
+        "environment.yml",
+        "pyproject.toml",
+        "Makefile",
+        "README.md",
+        ".ci/run",
+        ".dvc/config",
+        ".dvcignore",
+        "workflow",
+        "benchmarks",
+    ):
+        assert (ROOT / name).exists(), name
+    assert "analytics = false" in (ROOT / ".dvc" / "config").read_text()
+
+
+def test_every_dvc_stage_is_a_python_module_with_a_cli() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert f"arsr.stages.{name}" in stage["cmd"], name
+        assert (ROOT / "src" / "arsr" / "stages" / f"{name}.py").is_file(), name
+    out = subprocess.run(
+        [sys.executable, "-m", "arsr.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "shard" in out.stdout
+
+
+def test_lower_layers_never_import_higher_ones() -> None:
+    order = {"data": 0, "models": 0, "train": 1, "eval": 1, "stages": 2}
+    for layer, level in order.items():
+        for path in (ROOT / "src" / "arsr" / layer).rglob("*.py"):
+            text = path.read_text()
+            for other, other_level in order.items():
+                if other_level > level:
+                    assert f"arsr.{other}" not in text, f"{path.relative_to(ROOT)} imports arsr.{other}"
