@@ -1,0 +1,234 @@
+"""Checkpoint files: atomic writes, safe loads, fingerprints and compatibility checks.
+
+Two files per training stage, both plain dicts of tensors and JSON-like values, so they load
+with ``torch.load(weights_only=True)`` and nothing in them can run code:
+
+- ``ckpt/last.pt``: everything needed to resume exactly (see ``Trainer._checkpoint``).
+- ``model.pt``: ``{"format", "kind", "config", "state_dict" (EMA), "extra", "step", "fingerprint"}``,
+  self-contained for inference (``extra`` holds e.g. the VQVAE weights and latent stats).
+
+A checkpoint belongs to one run *fingerprint* (the stage's params and the hashes of its
+inputs). A rerun with the same fingerprint resumes; another fingerprint moves the old
+checkpoint to ``ckpt/stale-<fp>/`` and starts fresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_FORMAT = "arsr-model-v1"
+CKPT_FORMAT = "arsr-ckpt-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be used: unsafe, or made for another model."""
+
+
+# --------------------------------------------------------------------------------------
+# Atomic writes and safe loads
+# --------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, write: Any) -> None:
+    """Write via ``write(file)`` into a temp file beside ``path``, fsync, then ``os.replace``.
+
+    A process killed at any moment leaves the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def safe_load(path: str | Path, allow: Iterable[type] = ()) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a file holding any other pickled object is refused.
+
+    ``allow`` adds classes an official checkpoint needs (e.g. ``argparse.Namespace``).
+    """
+    allow = list(allow)
+    ctx = torch.serialization.safe_globals(allow) if allow else nullcontext()
+    try:
+        with ctx:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()
+        reason = next(
+            (ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else ""
+        )
+        raise CheckpointError(
+            f"refusing to load {path}: it holds a pickled object that weights_only loading does not "
+            f"allow ({reason.strip()}); only tensors and plain containers are accepted"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints and compatibility
+# --------------------------------------------------------------------------------------
+def fingerprint_id(fingerprint: dict[str, Any]) -> str:
+    """Short stable hash of a JSON-able fingerprint dict."""
+    blob = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def hash_paths(*paths: str | Path) -> dict[str, str]:
+    """sha256 of each file (a folder: of its files' relative names and contents), for fingerprints."""
+    out = {}
+    for p in map(Path, paths):
+        h = hashlib.sha256()
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        out[str(p)] = h.hexdigest()
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: list(d) if isinstance(d, tuple) else d}
+
+
+def config_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, e.g. ``["depth: 4 != 6", "heads: missing in checkpoint"]``."""
+    a, b = _flatten(saved), _flatten(wanted)
+    diffs = []
+    for k in sorted(a.keys() | b.keys()):
+        if k not in a:
+            diffs.append(f"{k}: missing in checkpoint")
+        elif k not in b:
+            diffs.append(f"{k}: not expected (checkpoint has {a[k]!r})")
+        elif a[k] != b[k]:
+            diffs.append(f"{k}: checkpoint {a[k]!r} != expected {b[k]!r}")
+    return diffs
+
+
+def check_compatible(
+    saved: dict[str, Any], kind: str, config: dict[str, Any] | None, path: str | Path
+) -> None:
+    """Refuse a checkpoint of another model kind or config, naming what differs."""
+    if saved.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {saved.get('kind')!r} model, not a {kind!r} model")
+    if config is not None:
+        diffs = config_diff(saved.get("config", {}), config)
+        if diffs:
+            raise CheckpointError(f"{path} was made for another {kind} config: " + "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------------------
+# model.pt (inference) files
+# --------------------------------------------------------------------------------------
+def save_model_file(
+    path: str | Path,
+    *,
+    kind: str,
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    extra: dict[str, Any] | None = None,
+    step: int = 0,
+    fingerprint: dict[str, Any] | None = None,
+) -> None:
+    atomic_save(
+        {
+            "format": MODEL_FORMAT,
+            "kind": kind,
+            "config": config,
+            "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+            "extra": extra or {},
+            "step": step,
+            "fingerprint": fingerprint or {},
+        },
+        path,
+    )
+
+
+def load_model_file(path: str | Path, kind: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a model.pt made by :func:`save_model_file`; refuse another kind (or config, if given).
+
+    Returns the dict: rebuild with ``Model(**d["config"])`` and ``load_state_dict(d["state_dict"])``.
+    """
+    d = safe_load(path)
+    if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path} is not an arsr model file (format {MODEL_FORMAT})")
+    check_compatible(d, kind, config, path)
+    return d
+
+
+# --------------------------------------------------------------------------------------
+# Resume decisions
+# --------------------------------------------------------------------------------------
+def set_aside(ckpt_path: Path, fp_id: str) -> Path:
+    """Move a stale checkpoint to ``ckpt/stale-<fp>/`` (replacing an older one there)."""
+    dest_dir = ckpt_path.parent / f"stale-{fp_id}"
+    if dest_dir.exists():
+        shutil.rmtree(dest_dir)
+    dest_dir.mkdir(parents=True)
+    dest = dest_dir / ckpt_path.name
+    os.replace(ckpt_path, dest)
+    return dest
+
+
+def load_for_resume(
+    ckpt_path: Path, *, kind: str, config: dict[str, Any], fingerprint: dict[str, Any]
+) -> tuple[dict[str, Any] | None, str]:
+    """Decide whether ``ckpt_path`` resumes this run; returns ``(state or None, message)``.
+
+    Another model kind is refused outright (never moved aside: it is not this stage's file).
+    Another fingerprint moves the checkpoint aside. The same fingerprint but another model
+    config means the stage's fingerprint misses a key: refused, naming the keys.
+    """
+    if not ckpt_path.is_file():
+        return None, "no checkpoint: starting fresh"
+    state = safe_load(ckpt_path)
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{ckpt_path} is not an arsr training checkpoint (format {CKPT_FORMAT})")
+    if state.get("kind") != kind:
+        check_compatible(state, kind, None, ckpt_path)
+    old_id, new_id = state.get("fingerprint_id"), fingerprint_id(fingerprint)
+    if old_id != new_id:
+        dest = set_aside(ckpt_path, old_id)
+        diffs = config_diff(state.get("fingerprint", {}), fingerprint)
+        why = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
+        return (
+            None,
+            f"checkpoint fingerprint {old_id} != {new_id} ({why}): moved it to {dest}, starting fresh",
+        )
+    check_compatible(state, kind, config, ckpt_path)
+    return state, f"resuming from {ckpt_path} at step {state['step']}"

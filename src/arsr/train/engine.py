@@ -1,0 +1,510 @@
+"""The training loop shared by train_vqvae, train_srvar and train_mar.
+
+A stage builds its model (a plain ``nn.Module``), a loss function and its data iterators, then::
+
+    d = init_distributed()
+    mb = micro_batch_size(cfg, d.world_size)           # samples per rank per micro-step
+    trainer = Trainer(kind="mar", model=model, model_config=kwargs, cfg=cfg, loss_fn=loss_fn,
+                      make_train_iter=lambda k: train_loader(..., micro_batch=mb, start_step=k),
+                      out_dir="runs/mar", fingerprint=fp, seed=params.seed, dist_info=d, ...)
+    result = trainer.fit()
+    cleanup()
+
+What one optimizer step does (``Trainer._train_step``)::
+
+    for each of accum micro-steps:            # no_sync on all but the last: one all-reduce per step
+        batch = next(train_iter)              # pure function of (seed, rank, micro-step)
+        loss, metrics = loss_fn(ddp_model, batch)    under autocast
+        scaler.scale(loss / accum).backward()
+    unscale -> clip_grad_norm_ -> (skip if not finite) -> AdamW step -> scaler update -> EMA update
+
+Everything a resumed run needs to continue bit for bit (model, EMA, optimizer, scaler, step,
+every rank's RNG states, the metric sums of the current log window, the W&B run id) is in
+``ckpt/last.pt``; the lr is a pure function of the step and the data a pure function of the
+micro-step, so a run killed at any point and rerun gives the weights of a run never stopped
+(CPU, fp32; on GPU with ``deterministic: true``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from arsr.config import TrainConfig
+from arsr.train.checkpoint import (
+    CKPT_FORMAT,
+    atomic_save,
+    atomic_write_text,
+    fingerprint_id,
+    load_for_resume,
+    safe_load,
+    save_model_file,
+)
+from arsr.train.dist import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum_,
+    barrier,
+    broadcast_object,
+    get_rng_state,
+    init_distributed,
+    print0,
+    seed_all,
+    set_deterministic,
+    set_rng_state,
+)
+from arsr.train.ema import EMA
+from arsr.train.logging import MetricMeter, PlotWriter, Progress, WandbRun, init_wandb, merge_sums
+from arsr.train.optim import NoDecayRule, build_optimizer, default_no_weight_decay, lr_factor, peak_lr, set_lr
+
+Batch = Any
+Metrics = dict[str, "float | torch.Tensor"]
+LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, Metrics]"]
+ValFn = Callable[[nn.Module, Batch], "dict[str, tuple[float | torch.Tensor, float | torch.Tensor]]"]
+OnStep = Callable[[int, nn.Module], "Metrics | None"]
+OnVal = Callable[[int, nn.Module, WandbRun], "dict[str, float] | None"]
+
+FP16_INIT_SCALE = 2.0**11  # VAR's GradScaler settings
+FP16_MAX_SCALE = 32768.0
+FP16_GROWTH_INTERVAL = 1000
+
+
+# As VAR: our models keep no running statistics, so skip DDP's buffer broadcast before every
+# forward (SRVAR's attention-mask buffers are megabytes). Buffers are still synced once at wrap.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters  # torch >= 2.13
+    else {"broadcast_buffers": False}
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """``max_bad_steps`` non-finite losses in a row."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM/SIGUSR1: a checkpoint was written; exit non-zero (128 + signal) so SLURM can requeue."""
+
+
+def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """Samples per rank per micro-step for the global ``cfg.batch_size`` on ``world_size`` ranks."""
+    per_step = world_size * cfg.accum
+    if cfg.batch_size % per_step:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is not divisible by world size {world_size} x accum {cfg.accum}"
+        )
+    return cfg.batch_size // per_step
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train: dict[str, float] = field(default_factory=dict)  # last log window, averaged over ranks
+    val: dict[str, float] = field(default_factory=dict)  # last validation of the EMA model
+
+
+class Trainer:
+    """Runs one training stage; see the module docstring.
+
+    Args:
+        kind: model kind recorded in checkpoints ("vqvae", "srvar", "mar"); another kind is refused.
+        model: the plain module to train (built identically on every rank; DDP syncs it anyway).
+        model_config: JSON-able kwargs that rebuild it; recorded, and compared on resume.
+        cfg: the stage's ``train`` section.
+        loss_fn: ``(model, batch) -> (loss, metrics)``. ``model`` may be DDP-wrapped: call it for
+            the forward pass and reach other methods through ``arsr.train.dist.unwrap(model)``.
+            The batch is already on the device. Metrics are averaged over micro-steps and ranks.
+        make_train_iter: ``start_micro_step -> iterator`` of micro-batches for this rank (infinite).
+        out_dir: ``runs/<stage>``: gets ckpt/last.pt, model.pt, metrics.json, timing.json, plots/.
+        fingerprint: JSON-able dict (the stage's params and hashes of its inputs); a checkpoint
+            resumes only when it matches.
+        seed: the top-level seed; rank r draws from seed + r.
+        val_fn: ``(ema_model, batch) -> {name: (sum, count)}``, summed over batches and ranks.
+        make_val_iter: ``() -> iterable`` of this rank's share of the val set, each sample once.
+        no_weight_decay: ``(name, param) -> bool``, the model's AdamW exemptions.
+        model_extra: dict (or a callable returning one) stored in model.pt beside the EMA weights.
+        on_step: ``(step, model)`` after every optimizer step, on every rank (e.g. VQ dead-code
+            restarts; it must keep ranks identical). May return metrics to log.
+        on_val: ``(step, ema_model, wandb_run)`` at each validation, on rank 0 only (sample
+            grids); must not use collectives. May return scalars for W&B.
+        stage: W&B job_type (default ``train_<kind>``); wandb_config: W&B config (default fingerprint);
+        wandb_dir: parent of the ``wandb/`` folder (default the parent of out_dir, i.e. runs/).
+        find_unused_parameters: passed to DDP, for models with parameters a step may not use.
+        dist_info: from :func:`init_distributed` (called here when omitted).
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        model: nn.Module,
+        model_config: dict[str, Any],
+        cfg: TrainConfig,
+        loss_fn: LossFn,
+        make_train_iter: Callable[[int], Iterator[Batch]],
+        out_dir: str | Path,
+        fingerprint: dict[str, Any],
+        seed: int = 0,
+        val_fn: ValFn | None = None,
+        make_val_iter: Callable[[], Iterable[Batch]] | None = None,
+        no_weight_decay: NoDecayRule = default_no_weight_decay,
+        model_extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+        on_step: OnStep | None = None,
+        on_val: OnVal | None = None,
+        stage: str | None = None,
+        wandb_config: dict[str, Any] | None = None,
+        wandb_dir: str | Path | None = None,
+        find_unused_parameters: bool = False,
+        dist_info: DistInfo | None = None,
+    ):
+        self.kind, self.model_config, self.cfg = kind, model_config, cfg
+        self.loss_fn, self.make_train_iter = loss_fn, make_train_iter
+        self.val_fn, self.make_val_iter = val_fn, make_val_iter
+        self.no_weight_decay, self.model_extra = no_weight_decay, model_extra
+        self.on_step, self.on_val = on_step, on_val
+        self.out_dir = Path(out_dir)
+        self.fingerprint, self.seed = fingerprint, seed
+        self.stage = stage or f"train_{kind}"
+        self.wandb_config = wandb_config if wandb_config is not None else fingerprint
+        self.wandb_dir = Path(wandb_dir) if wandb_dir is not None else self.out_dir.parent
+        self.find_unused_parameters = find_unused_parameters
+        self.dist = dist_info or init_distributed()
+        self.ckpt_path = self.out_dir / "ckpt" / "last.pt"
+        micro_batch_size(cfg, self.dist.world_size)  # fail early on an impossible split
+        if cfg.amp == "fp16" and self.dist.device.type != "cuda":
+            raise ValueError("amp: fp16 needs CUDA; use bf16 or none on CPU")
+
+        self.model = model.to(self.dist.device)
+        self.ema: EMA | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.step = 0
+        self.bad_steps = 0
+        self.meter = MetricMeter()
+        self.train_metrics: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}
+        self.wandb = WandbRun(None)
+        self._stop_signal = 0
+
+    # ----------------------------------------------------------------------------------
+    # Set-up and resume
+    # ----------------------------------------------------------------------------------
+    def _resume_state(self) -> dict[str, Any] | None:
+        """Rank 0 decides (and moves a stale checkpoint aside); every rank then loads the same file."""
+        state, resume = None, False
+        if self.dist.is_main:
+            state, message = load_for_resume(
+                self.ckpt_path, kind=self.kind, config=self.model_config, fingerprint=self.fingerprint
+            )
+            print0(message)
+            resume = state is not None
+        resume = broadcast_object(resume)
+        if resume and state is None:
+            state = safe_load(self.ckpt_path)
+        return state
+
+    def _setup(self) -> dict[str, Any] | None:
+        """Build optimizer, EMA, scaler, DDP; load a matching checkpoint. Returns its RNG state."""
+        cfg, d = self.cfg, self.dist
+        set_deterministic(cfg.deterministic)
+        state = self._resume_state()
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+        self.ema = EMA(self.model, cfg.ema)
+        self.optimizer = build_optimizer(self.model, cfg, self.no_weight_decay)
+        self.scaler = torch.amp.GradScaler(
+            d.device.type,
+            init_scale=FP16_INIT_SCALE,
+            growth_interval=FP16_GROWTH_INTERVAL,
+            enabled=cfg.amp == "fp16",
+        )
+        rng_state = None
+        if state is None:
+            seed_all(self.seed + d.rank)
+        else:
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step, self.bad_steps = state["step"], state["bad_steps"]
+            self.meter.load_state_dict(state["meter"])
+            self.train_metrics, self.val_metrics = state["metrics"]["train"], state["metrics"]["val"]
+            if len(state["rng"]) == d.world_size:
+                rng_state = state["rng"][d.rank]
+            else:  # world size changed: still a valid run, just not a bitwise continuation
+                print0(f"checkpoint has {len(state['rng'])} ranks' RNG states, not {d.world_size}: reseeding")
+                seed_all(self.seed + d.rank + 1_000_003 * self.step)
+        self.ddp_model: nn.Module = self.model
+        if d.is_distributed:
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                **_NO_BUFFER_SYNC,
+                find_unused_parameters=self.find_unused_parameters,
+            )
+        if d.is_main:
+            PlotWriter(self.out_dir / "plots").truncate_after(self.step)
+        run_id = state.get("wandb_id") if state is not None else None
+        self.wandb = init_wandb(
+            self.stage, self.wandb_config, out_dir=self.wandb_dir, rank=d.rank, run_id=run_id
+        )
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        print0(
+            f"{self.kind}: {n_params:,} trainable params, {d.world_size} rank(s) on {d.device.type}, "
+            f"batch {cfg.batch_size} = {micro_batch_size(cfg, d.world_size)} x {d.world_size} ranks x "
+            f"{cfg.accum} accum, peak lr {peak_lr(cfg):.3g}, amp {cfg.amp}"
+        )
+        return rng_state
+
+    def _autocast(self) -> Any:
+        if self.cfg.amp == "none":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    # ----------------------------------------------------------------------------------
+    # One optimizer step
+    # ----------------------------------------------------------------------------------
+    def _train_step(self, train_iter: Iterator[Batch]) -> bool:
+        """Train one step; returns whether any rank asked to stop (SIGTERM/SIGUSR1)."""
+        cfg, d, opt, scaler = self.cfg, self.dist, self.optimizer, self.scaler
+        lr = peak_lr(cfg) * lr_factor(self.step, cfg)
+        set_lr(opt, lr)
+        self.ddp_model.train()
+        loss_sum = torch.zeros((), device=d.device)
+        step_metrics: list[Metrics] = []
+        for a in range(cfg.accum):
+            batch = to_device(next(train_iter), d.device)
+            last = a == cfg.accum - 1
+            # Gradients are all-reduced once per step, in the last micro-step's backward.
+            sync = nullcontext() if last or not d.is_distributed else self.ddp_model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, metrics = self.loss_fn(self.ddp_model, batch)
+                scaler.scale(loss / cfg.accum).backward()
+            loss_sum += loss.detach().float()
+            step_metrics.append(metrics)
+
+        scaler.unscale_(opt)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # One small all-reduce per step: the mean loss (for the NaN rule, identical on every
+        # rank) and the stop flag, so every rank skips, stops and checkpoints at the same step.
+        stats = torch.stack([loss_sum / cfg.accum, torch.tensor(float(self._stop_signal), device=d.device)])
+        loss_val, stop = (
+            all_reduce_sum_(stats) / torch.tensor([d.world_size, 1.0], device=d.device)
+        ).tolist()
+        gnorm = float(grad_norm)  # identical on every rank: gradients were all-reduced
+
+        # fp16: the scaler skips steps with inf/nan gradients itself (and lowers its scale);
+        # only a non-finite loss counts as bad. bf16/fp32: any non-finite value skips the step.
+        finite_grads = math.isfinite(gnorm)
+        bad = not math.isfinite(loss_val) or (cfg.amp != "fp16" and not finite_grads)
+        if cfg.amp == "fp16":
+            scaler.step(opt)
+            scaler.update()
+            if scaler.get_scale() > FP16_MAX_SCALE:
+                scaler.update(FP16_MAX_SCALE)
+        elif not bad:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not bad and finite_grads:
+            self.ema.update(self.model, self.step)
+
+        self.step += 1
+        if bad:
+            self.bad_steps += 1
+            print0(
+                f"step {self.step}: non-finite loss {loss_val} / grad norm {gnorm}: step skipped "
+                f"({self.bad_steps} in a row, limit {cfg.max_bad_steps})"
+            )
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"stopping at step {self.step}: {self.bad_steps} non-finite losses in a row "
+                    f"(max_bad_steps {cfg.max_bad_steps})"
+                )
+        else:
+            self.bad_steps = 0
+            for m in step_metrics:
+                self.meter.update(m)
+            self.meter.update({"loss": loss_val, "tlr": lr} | ({"tnm": gnorm} if finite_grads else {}))
+        return stop > 0
+
+    # ----------------------------------------------------------------------------------
+    # Logging, validation, checkpoints
+    # ----------------------------------------------------------------------------------
+    def _log(self, progress: Progress, plots: PlotWriter) -> None:
+        means = merge_sums(all_gather_object(self.meter.flush()))
+        if not means:
+            return
+        self.train_metrics = means
+        if self.dist.is_main:
+            self.wandb.log(means, step=self.step)
+            plots.append(self.step, means)
+            progress.show(means)
+
+    @torch.no_grad()
+    def _validate(self, plots: PlotWriter) -> None:
+        ema_model = self.ema.model
+        if self.val_fn is not None and self.make_val_iter is not None:
+            sums: dict[str, list[float]] = {}
+            for batch in self.make_val_iter():
+                with self._autocast():
+                    out = self.val_fn(ema_model, to_device(batch, self.dist.device))
+                for k, (s, n) in out.items():
+                    acc = sums.setdefault(k, [0.0, 0.0])
+                    acc[0] += float(s)
+                    acc[1] += float(n)
+            self.val_metrics = merge_sums(all_gather_object(sums))
+        if not self.dist.is_main:
+            return
+        logged = {f"val/{k}": v for k, v in self.val_metrics.items()}
+        if logged:
+            plots.append(self.step, logged)
+            print0(f"step {self.step} val: " + "  ".join(f"{k} {v:.4g}" for k, v in self.val_metrics.items()))
+        if self.on_val is not None:
+            logged.update(self.on_val(self.step, ema_model, self.wandb) or {})
+        if logged:
+            self.wandb.log(logged, step=self.step)
+
+    def _checkpoint(self) -> None:
+        """Write ckpt/last.pt (collective: gathers every rank's RNG states)."""
+        rng = all_gather_object(get_rng_state())
+        if self.dist.is_main:
+            state = {
+                "format": CKPT_FORMAT,
+                "kind": self.kind,
+                "config": self.model_config,
+                "fingerprint": self.fingerprint,
+                "fingerprint_id": fingerprint_id(self.fingerprint),
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                # The lr is recomputed from the step; this records the schedule for people.
+                "schedule": {
+                    "kind": self.cfg.schedule,
+                    "peak_lr": peak_lr(self.cfg),
+                    "warmup_steps": self.cfg.warmup_steps,
+                    "max_steps": self.cfg.max_steps,
+                },
+                "rng": rng,
+                "wandb_id": self.wandb.id,
+                "bad_steps": self.bad_steps,
+                "meter": self.meter.state_dict(),
+                "metrics": {"train": self.train_metrics, "val": self.val_metrics},
+            }
+            atomic_save(state, self.ckpt_path)
+            print0(f"saved checkpoint at step {self.step}")
+        barrier()  # nobody exits (or reads) before the file is complete
+
+    def _write_outputs(self, wall_s: float, start_step: int) -> None:
+        """model.pt, metrics.json (dvc metrics: deterministic), timing.json (varies per run)."""
+        extra = self.model_extra() if callable(self.model_extra) else (self.model_extra or {})
+        save_model_file(
+            self.out_dir / "model.pt",
+            kind=self.kind,
+            config=self.model_config,
+            state_dict=self.ema.state_dict(),
+            extra=extra,
+            step=self.step,
+            fingerprint=self.fingerprint,
+        )
+        metrics = {"step": self.step, "train": self.train_metrics, "val": self.val_metrics}
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        steps_run = self.step - start_step
+        timing = {
+            "world_size": self.dist.world_size,
+            "device": str(self.dist.device),
+            "resumed_from_step": start_step,
+            "steps_run": steps_run,
+            "wall_s": round(wall_s, 3),
+            "steps_per_s": round(steps_run / wall_s, 4) if wall_s > 0 else None,
+            "samples_per_s": round(steps_run * self.cfg.batch_size / wall_s, 2) if wall_s > 0 else None,
+        }
+        atomic_write_text(self.out_dir / "timing.json", json.dumps(timing, indent=2) + "\n")
+        self.wandb.summary_update({f"final/{k}": v for k, v in self.val_metrics.items()} | timing)
+
+    # ----------------------------------------------------------------------------------
+    # The loop
+    # ----------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only a flag: the loop checks it once per step (all ranks together) and checkpoints.
+        self._stop_signal = signum
+
+    def fit(self) -> TrainResult:
+        cfg, d = self.cfg, self.dist
+        rng_state = self._setup()
+        if self.step < cfg.max_steps:
+            # Before restoring the RNG: a DataLoader draws its base seed from the global RNG when
+            # its iterator is made, which the uninterrupted run also did before its first step.
+            train_iter = iter(self.make_train_iter(self.step * cfg.accum))
+        if rng_state is not None:
+            set_rng_state(rng_state)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        start_step, t0 = self.step, time.perf_counter()
+        plots = PlotWriter(self.out_dir / "plots")
+        progress = Progress(cfg.max_steps, self.step, enabled=d.is_main)
+        exit_code = 1
+        try:
+            if self.step >= cfg.max_steps:
+                print0(f"already trained {self.step} steps: rewriting the outputs only")
+            while self.step < cfg.max_steps:
+                stop = self._train_step(train_iter)
+                progress.update(self.step)
+                if self.on_step is not None:
+                    self.meter.update(self.on_step(self.step, self.model) or {})
+                last = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or last:
+                    self._log(progress, plots)
+                if self.step % cfg.val_every == 0 or last:
+                    self._validate(plots)
+                if stop or self.step % cfg.ckpt_every == 0 or last:
+                    self._checkpoint()
+                if stop:
+                    sig = self._stop_signal or signal.SIGTERM
+                    print0(
+                        f"stopping at step {self.step} on signal {signal.Signals(sig).name}: checkpoint saved"
+                    )
+                    exit_code = 128 + sig
+                    raise TrainingInterrupted(exit_code)
+            progress.close()
+            if d.is_main:
+                self._write_outputs(time.perf_counter() - t0, start_step)
+            barrier()
+            exit_code = 0
+        finally:
+            progress.close()
+            self.wandb.finish(exit_code=exit_code)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return TrainResult(self.step, dict(self.train_metrics), dict(self.val_metrics))

@@ -1,0 +1,298 @@
+"""Where training numbers go: W&B (rank 0, offline by default), dvc plots, and the console.
+
+- :func:`init_wandb` / :class:`WandbRun`: a W&B run whose methods never raise. Any failure
+  (bad ``WANDB_MODE``, unreachable server, init timeout) logs one warning and turns the run
+  into a no-op, so W&B can never stop training.
+- :class:`MetricMeter`: sums of per-step metrics between two log steps (the logged value is
+  the mean over that window: a smoothed value that is also exactly reproducible on resume).
+- :class:`PlotWriter`: ``plots/<name>.tsv`` files (``step`` + value columns) for ``dvc plots``,
+  truncated to the resumed step so a resumed run continues them consistently.
+- :class:`Progress`: tqdm on a terminal; one plain line per log step in batch logs (SLURM, dvc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------
+# W&B
+# --------------------------------------------------------------------------------------
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip() or "nogit"
+    except (OSError, subprocess.SubprocessError):
+        return "nogit"
+
+
+def pipeline_group(params_file: str | Path = "params.yaml") -> str:
+    """``WANDB_RUN_GROUP``, or an id derived from params.yaml and the git commit.
+
+    Every stage of one pipeline run computes the same id without talking to the others.
+    """
+    if os.environ.get("WANDB_RUN_GROUP"):
+        return os.environ["WANDB_RUN_GROUP"]
+    p = Path(params_file)
+    params = p.read_bytes() if p.is_file() else b""
+    digest = hashlib.sha256(params + b"\0" + _git_commit().encode()).hexdigest()
+    return f"pipe-{digest[:10]}"
+
+
+class WandbRun:
+    """A W&B run (or a no-op one); no method raises."""
+
+    def __init__(self, run: Any = None):
+        self._run = run
+
+    @property
+    def id(self) -> str | None:
+        return self._run.id if self._run is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._run is not None
+
+    def _guard(self, what: str, fn: Any) -> None:
+        if self._run is None:
+            return
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - W&B must never stop training
+            log.warning(
+                "W&B %s failed (%s: %s); W&B is off for the rest of this run", what, type(err).__name__, err
+            )
+            self._run = None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._guard("log", lambda: self._run.log(metrics, step=step))
+
+    def log_images(
+        self, key: str, images: Sequence[Any], captions: Sequence[str] | None = None, step: int | None = None
+    ) -> None:
+        """``images``: HWC uint8 arrays/tensors or PIL images."""
+
+        def go() -> None:
+            import wandb
+
+            caps = list(captions) if captions is not None else [None] * len(images)
+            items = [
+                wandb.Image(im.cpu().numpy() if isinstance(im, torch.Tensor) else im, caption=c)
+                for im, c in zip(images, caps)
+            ]
+            self._run.log({key: items}, step=step)
+
+        self._guard("log_images", go)
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        def go() -> None:
+            import wandb
+
+            self._run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+        self._guard("log_table", go)
+
+    def summary_update(self, values: dict[str, Any]) -> None:
+        self._guard("summary_update", lambda: self._run.summary.update(values))
+
+    def finish(self, exit_code: int | None = None) -> None:
+        self._guard("finish", lambda: self._run.finish(exit_code=exit_code))
+        self._run = None
+
+
+def init_wandb(
+    stage: str,
+    config: dict[str, Any],
+    *,
+    out_dir: str | Path = "runs",
+    rank: int = 0,
+    run_id: str | None = None,
+) -> WandbRun:
+    """Start (or, with ``run_id``, continue) this stage's W&B run; a no-op run off rank 0.
+
+    Mode from ``WANDB_MODE`` (default offline), files under ``<out_dir>/wandb``, project from
+    ``WANDB_PROJECT`` (default arsr), group from :func:`pipeline_group`, ``job_type=stage``.
+    """
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if rank != 0 or mode == "disabled":
+        return WandbRun(None)
+    out = Path(out_dir).resolve()
+    # Keep W&B's staging, cache and settings under the run folder (hermetic CI, no ~/.local).
+    for var, sub in [
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ]:
+        os.environ.setdefault(var, str(out / "wandb" / "_env" / sub))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        import wandb
+
+        (out / "wandb").mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "arsr"),
+            group=pipeline_group(),
+            job_type=stage,
+            config=config,
+            dir=str(out),
+            mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+    except Exception as err:  # noqa: BLE001 - W&B must never stop training
+        log.warning("W&B init failed (%s: %s); going on without W&B", type(err).__name__, err)
+        return WandbRun(None)
+    return WandbRun(run)
+
+
+# --------------------------------------------------------------------------------------
+# Metrics between log steps
+# --------------------------------------------------------------------------------------
+class MetricMeter:
+    """Per-key sums and counts since the last :meth:`flush` (kept as tensors: no sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, metrics: dict[str, float | torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def flush(self) -> dict[str, tuple[float, int]]:
+        """Local ``{key: (sum, count)}``, then reset."""
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k].reshape(()).cpu() for k in keys]).tolist() if keys else []
+        out = {k: (v, self.counts[k]) for k, v in zip(keys, values)}
+        self.sums, self.counts = {}, {}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+def merge_sums(per_rank: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
+    """Means over all ranks of ``{key: (sum, count)}`` dicts."""
+    tot: dict[str, list[float]] = {}
+    for d in per_rank:
+        for k, (s, n) in d.items():
+            acc = tot.setdefault(k, [0.0, 0.0])
+            acc[0] += float(s)
+            acc[1] += float(n)
+    return {k: s / n for k, (s, n) in sorted(tot.items()) if n > 0}
+
+
+# --------------------------------------------------------------------------------------
+# dvc plots
+# --------------------------------------------------------------------------------------
+def _plot_name(key: str) -> str:
+    return key.replace("/", "_")
+
+
+class PlotWriter:
+    """``<plots_dir>/<name>.tsv`` with a header ``step<TAB><name>`` and one row per logged step."""
+
+    def __init__(self, plots_dir: str | Path):
+        self.dir = Path(plots_dir)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows beyond ``step`` (and any half-written last line) before a run continues."""
+        if not self.dir.is_dir():
+            return
+        for f in sorted(self.dir.glob("*.tsv")):
+            lines = f.read_text().splitlines(keepends=True)
+            kept = lines[:1]
+            for line in lines[1:]:
+                parts = line.rstrip("\n").split("\t")
+                if line.endswith("\n") and len(parts) == 2 and parts[0].isdigit() and int(parts[0]) <= step:
+                    kept.append(line)
+            if kept != lines:
+                f.write_text("".join(kept))
+
+    def append(self, step: int, values: dict[str, float]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for key, value in values.items():
+            name = _plot_name(key)
+            f = self.dir / f"{name}.tsv"
+            new = not f.exists()
+            with open(f, "a") as fh:
+                if new:
+                    fh.write(f"step\t{name}\n")
+                fh.write(f"{step}\t{value!r}\n")
+
+
+# --------------------------------------------------------------------------------------
+# Console
+# --------------------------------------------------------------------------------------
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}"
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Rank-0 progress with smoothed values, it/s and ETA; silent elsewhere."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.total, self.step, self.enabled = total, initial, enabled
+        self.bar = None
+        self._mark = (time.perf_counter(), initial)
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.step)
+        self.step = step
+
+    def show(self, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        text = {k: _fmt(v) for k, v in values.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=True)
+            return
+        now = time.perf_counter()
+        t0, s0 = self._mark
+        rate = (self.step - s0) / max(now - t0, 1e-9)
+        self._mark = (now, self.step)
+        eta = (self.total - self.step) / rate if rate > 0 else float("inf")
+        body = "  ".join(f"{k} {v}" for k, v in text.items())
+        print(
+            f"step {self.step}/{self.total}  {body}  | {rate:.2f} it/s  ETA {_hms(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
