@@ -1,0 +1,70 @@
+"""What every stage CLI shares: argument parsing, error reporting, paths, fingerprints.
+
+A stage module defines ``run(args, params) -> None`` and ends with::
+
+    def main(argv=None) -> int:
+        return stage_main("train_mar", __doc__, run, argv, add_args=_add_args)
+
+Errors a user can fix (a bad params key, a missing input, a checkpoint of another model)
+exit with status 2 and one line ``arsr <stage>: error: ...`` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from arsr.config import ConfigError, Params, load_params, section_dict
+from arsr.train.checkpoint import CheckpointError, hash_paths
+
+# DAG paths (DESIGN §1); stages take them as defaults of their CLI options.
+SHARDS_DIR = Path("data/shards")
+TOKENS_DIR = Path("data/tokens")
+RUNS_DIR = Path("runs")
+EVAL_DIR = Path("eval")
+REPORTS_DIR = Path("reports")
+
+
+class StageError(RuntimeError):
+    """A problem the user can fix; reported as one line, exit status 2."""
+
+
+USER_ERRORS = (ConfigError, StageError, CheckpointError, FileNotFoundError)
+
+
+def stage_main(
+    name: str,
+    doc: str | None,
+    run: Callable[[argparse.Namespace, Params], Any],
+    argv: list[str] | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parse ``--params`` (+ the stage's own options), load params, run, report user errors."""
+    ap = argparse.ArgumentParser(prog=f"arsr {name}", description=(doc or "").strip().split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        run(args, params)
+    except USER_ERRORS as err:
+        print(f"arsr {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def fingerprint(stage: str, params: Params, section: str, inputs: list[str | Path]) -> dict[str, Any]:
+    """What a training checkpoint must match to be resumed: the stage's params and its inputs' hashes."""
+    missing = [str(p) for p in inputs if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{stage}: input(s) not found: {', '.join(missing)} (run the earlier stages)")
+    return {
+        "stage": stage,
+        "seed": params.seed,
+        section: section_dict(getattr(params, section)),
+        "inputs": hash_paths(*inputs),
+    }
