@@ -290,3 +290,19 @@ def test_load_official_errors_are_clear(tmp_path: Path):
     torch.save([torch.zeros(1)], not_dict)
     with pytest.raises(ValueError, match="list.pth.*not a VQVAE state dict"):
         load_official(not_dict)
+
+
+def test_distributed_paths_single_process_gloo(tmp_path: Path):
+    """With a process group (world 1) the hit counts are all-reduced and restarted rows broadcast."""
+    store = tdist.FileStore(str(tmp_path / "store"), 1)
+    tdist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        vae = tiny().train()
+        x = images(B=4)
+        _, _, usage = vae(x)
+        assert vae.quantize.ema_vocab_hit_SV.sum() == sum(4 * pn * pn for pn in (1, 2, 3, 4))
+        dead = vae.restart_dead_codes(x, torch.Generator().manual_seed(0))
+        assert dead.numel() > 0 and usage.shape == (4,)
+    finally:
+        tdist.destroy_process_group()
+    assert not tdist.is_initialized()
