@@ -23,15 +23,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from arsr.config import ConfigError, DataConfig, load_params, section_dict
+from arsr.config import DataConfig, load_params, section_dict
 from arsr.data.shards import SPLITS, ShardSetWriter, crop_grid, decode_png, make_sample, shard_name
 from arsr.data.sources import ImageError, SourceImage, list_sources, load_rgb
 from arsr.io import atomic_write_bytes, write_json
+from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, stage_main
 
 EXIF_ORIENTATION = 0x0112
 
 
-class ShardError(RuntimeError):
+class ShardError(StageError):
     """The stage cannot produce a usable data set; the message says why."""
 
 
@@ -107,7 +108,10 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    images, skipped_early, classes = list_sources(cfg.source, cfg.labels)
+    try:
+        images, skipped_early, classes = list_sources(cfg.source, cfg.labels)
+    except ValueError as err:
+        raise ShardError(str(err)) from None
     skipped = [{"source": s.ref, "reason": s.reason} for s in skipped_early]
     if not images:
         raise ShardError(f"data.source {cfg.source!r}: no image files found ({len(skipped)} skipped)")
@@ -258,18 +262,13 @@ def _log_wandb(params, stats: dict, examples: list[dict], runs_dir: str) -> None
     run.finish()
 
 
+def _add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", default=str(SHARDS_DIR), help="output folder (default: data/shards)")
+    ap.add_argument("--runs", default=str(RUNS_DIR), help="where timing.json and W&B files go")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="arsr shard", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="data/shards")
-    ap.add_argument("--runs", default="runs")
-    args = ap.parse_args(argv)
-    try:
-        run_shard(args.params, args.out, args.runs)
-    except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
-        print(f"arsr shard: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main("shard", __doc__, lambda a, _p: run_shard(a.params, a.out, a.runs), argv, _add_args)
 
 
 if __name__ == "__main__":
