@@ -220,7 +220,7 @@ def test_folder_labels(tmp_path: Path) -> None:
         (tmp_path / "img" / cls).mkdir(parents=True)
         for s in seeds:
             Image.fromarray(photo(32, 32, s)).save(tmp_path / "img" / cls / f"{s}.png")
-    stats, out = shard_folder(tmp_path, tmp_path / "img", labels="folder", val_fraction=0.25, min_shards=1)
+    stats, out = shard_folder(tmp_path, tmp_path / "img", labels="folder", val_fraction=0.25, min_shards=2)
     assert stats["classes"] == ["cats", "dogs"]
     m = pd.read_parquet(out / "manifest.parquet")
     assert set(zip(m.source.str.split("/").str[0], m.label)) == {("cats", 0), ("dogs", 1)}
