@@ -1,0 +1,82 @@
+"""Evaluation: tiling without seams, and the standalone `arsr evaluate` on Set5."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imagezoo import photo
+
+from arsr.data.imresize import imresize
+from arsr.eval.tiling import BicubicUpscaler, tile_starts, upscale_image
+
+PUBLISHED = {  # shared/data/sr_benchmarks/README.md
+    "y-float": {2: (33.66, 0.9299), 3: (30.39, 0.8682), 4: (28.42, 0.8104)},
+    "rgb-uint8": {2: (33.64, 0.9292), 3: (30.39, 0.8678), 4: (28.42, 0.8101)},
+}
+
+
+def test_tile_starts_cover_the_image() -> None:
+    assert tile_starts(10, 16, 4) == [0]
+    starts = tile_starts(45, 16, 4)
+    assert starts[0] == 0 and starts[-1] == 45 - 16
+    assert all(b - a <= 12 for a, b in zip(starts, starts[1:]))
+
+
+def test_tiled_upscale_of_a_non_square_image_has_no_seams() -> None:
+    """Bicubic per tile vs bicubic on the whole image: they differ only near tile borders
+    (where a tile lacks context); the blend must keep every seam as close to the
+    whole-image result as the tiles' interiors are, i.e. no line brighter or darker."""
+    lr = photo(45, 70, 3)  # 45 x 70 LR, larger than one 16 px tile, not square
+    up = BicubicUpscaler(hr_size=64, scale=4)
+    tiled = upscale_image(lr, up, overlap_hr=16, batch_size=5).astype(np.float64)
+    whole = imresize(lr, 4).astype(np.float64)
+    assert tiled.shape == (180, 280, 3)
+    diff = tiled - whole
+    # Seam positions: where a tile ends (HR coordinates) inside the image.
+    seams_x = [(s + 16) * 4 for s in tile_starts(70, 16, 4)[:-1]]
+    seams_y = [(s + 16) * 4 for s in tile_starts(45, 16, 4)[:-1]]
+    for x in seams_x:
+        assert abs(diff[:, x - 2 : x + 2].mean()) < 1.0, f"column seam at x={x}"
+    for y in seams_y:
+        assert abs(diff[y - 2 : y + 2].mean()) < 1.0, f"row seam at y={y}"
+    assert np.abs(diff).mean() < 1.0
+
+
+@pytest.mark.parametrize("protocol", ["rgb-uint8", "y-float"])
+def test_standalone_evaluate_reproduces_set5_bicubic(set5: Path, tmp_path: Path, protocol: str) -> None:
+    for scale in (2, 3, 4):
+        out = tmp_path / f"x{scale}.json"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "arsr.cli",
+                "evaluate",
+                "--hr-dir",
+                str(set5),
+                "--scale",
+                str(scale),
+                "--methods",
+                "bicubic",
+                "--protocol",
+                protocol,
+                "--json",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        result = json.loads(out.read_text())
+        want_psnr, want_ssim = PUBLISHED[protocol][scale]
+        mean = result["mean"]["bicubic"]
+        assert abs(mean["psnr"] - want_psnr) <= 0.01, (scale, mean)
+        assert abs(mean["ssim"] - want_ssim) <= 0.0005, (scale, mean)
+        assert set(result["per_image"]["bicubic"]) == {"baby", "bird", "butterfly", "head", "woman"}
