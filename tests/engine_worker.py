@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,6 +99,39 @@ def write_shards(folder: Path, n_shards: int = 4, per_shard: int = 16) -> list[s
                 sink.write({"__key__": f"s{s:02d}_{i:03d}", "x.npy": x.numpy(), "y.npy": target(x).numpy()})
         urls.append(str(url))
     return urls
+
+
+# --------------------------------------------------------------------------------------
+# Launch helpers for the tests
+# --------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The test's environment, W&B off, one thread per process, unbuffered output."""
+    # WANDB_SERVICE would make the child join a W&B service of this process (if it started one).
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "WANDB_SERVICE")
+    e = {k: v for k, v in os.environ.items() if k not in drop}
+    return e | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def plain_cmd() -> list[str]:
+    return [sys.executable, __file__]
+
+
+def torchrun_cmd(nproc: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        __file__,
+    ]
+
+
+def launch(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,14 @@ import pytest
 import torch
 
 from arsr.config import TrainConfig
-from arsr.train import CheckpointError, NonFiniteLossError, Trainer, load_model_file, safe_load
+from arsr.train import (
+    CheckpointError,
+    NonFiniteLossError,
+    Trainer,
+    TrainingInterrupted,
+    load_model_file,
+    safe_load,
+)
 from arsr.train.checkpoint import CKPT_FORMAT, atomic_save
 from arsr.train.ema import EMA
 from arsr.train.logging import PlotWriter, init_wandb
@@ -33,6 +41,19 @@ def _no_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def wandb_in_process():
+    """W&B in this process sets env vars (WANDB_SERVICE, which child processes would join, and
+    the hermetic dirs) and starts a service: undo both so later tests start clean."""
+    saved = dict(os.environ)
+    yield
+    import wandb
+
+    wandb.teardown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def make_cfg(**kw) -> TrainConfig:
@@ -145,7 +166,7 @@ def test_too_many_nan_steps_in_a_row_stop_the_run(tmp_path: Path) -> None:
 
 
 def test_wandb_bad_mode_warns_once_and_training_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, wandb_in_process
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "bogus")
     with caplog.at_level(logging.WARNING, logger="arsr.train.logging"):
@@ -156,7 +177,7 @@ def test_wandb_bad_mode_warns_once_and_training_goes_on(
 
 
 def test_wandb_failing_mid_run_turns_into_a_noop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, wandb_in_process
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = init_wandb("train_x", {"a": 1}, out_dir=tmp_path)
@@ -189,6 +210,19 @@ def test_wandb_unreachable_server_is_one_warning(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "noop run None" in p.stdout
     assert p.stderr.count("W&B init failed") == 1, p.stderr
+
+
+def test_sigusr1_checkpoints_exits_nonzero_and_resumes(tmp_path: Path) -> None:
+    def on_step(step, model):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal=USR1@<secs> would
+
+    with pytest.raises(TrainingInterrupted) as exc:
+        make_trainer(tmp_path / "run", on_step=on_step).fit()
+    assert exc.value.code == 128 + signal.SIGUSR1
+    assert safe_load(tmp_path / "run" / "ckpt" / "last.pt")["step"] == 4  # seen at the next step's check
+    assert not (tmp_path / "run" / "model.pt").exists()
+    assert make_trainer(tmp_path / "run").fit().step == 6
 
 
 def test_checkpoint_of_another_kind_or_config_is_refused(tmp_path: Path) -> None:

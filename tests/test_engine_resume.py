@@ -1,0 +1,117 @@
+"""Exact resume: a run fed by arsr.data.loader (2 workers) is kill -9'ed after a checkpoint at a
+random step and rerun; a changed param starts fresh; the offline W&B files hold what was logged.
+Every run is tests/engine_worker.py, a tiny training stage.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import engine_worker as w
+import pytest
+import torch
+
+from arsr.train import load_model_file, safe_load
+
+
+def weights(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
+    return safe_load(path)[key]
+
+
+# --------------------------------------------------------------------------------------
+# 2. kill -9 mid-run, rerun: bitwise the weights of a run never stopped (+ 6. W&B files)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loader_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("resume")
+    w.write_shards(tmp / "shards")
+    args = ["--steps", "24", "--batch", "4", "--ckpt-every", "4", "--log-every", "3", "--val-every", "5",
+            "--dropout", "0.2", "--shards", str(tmp / "shards"), "--workers", "2",
+            "--deterministic"]  # fmt: skip
+    e = w.launch_env(WANDB_MODE="offline", WANDB_RUN_GROUP="engine-test")
+    full = w.launch([*w.plain_cmd(), "--out", str(tmp / "full"), *args], env=e)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    # The same command, slowed down, killed a moment after a randomly chosen checkpoint.
+    kill_after = random.choice([4, 8, 12])
+    cmd = [*w.plain_cmd(), "--out", str(tmp / "cut"), *args]
+    proc = subprocess.Popen(cmd + ["--sleep", "0.1"], cwd=w.ROOT, env=e, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if f"saved checkpoint at step {kill_after}" in line:
+            break
+    time.sleep(random.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed = safe_load(tmp / "cut" / "accum1" / "ckpt" / "last.pt")
+    resumed = w.launch(cmd, env=e)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"tmp": tmp, "env": e, "cmd": cmd, "killed": proc.returncode, "kill_after": kill_after,
+            "killed_at": killed["step"], "wandb_id": killed["wandb_id"], "resumed": resumed}  # fmt: skip
+
+
+def test_kill9_then_rerun_resumes_bitwise(loader_runs: dict) -> None:
+    tmp, r = loader_runs["tmp"], loader_runs
+    assert r["killed"] == -signal.SIGKILL
+    assert r["kill_after"] <= r["killed_at"] < 24, "the kill must land mid-run"
+    assert (
+        f"resuming from {tmp / 'cut' / 'accum1' / 'ckpt' / 'last.pt'} at step {r['killed_at']}"
+        in r["resumed"].stdout
+    )
+    full, cut = tmp / "full" / "accum1", tmp / "cut" / "accum1"
+    a, b = load_model_file(full / "model.pt", "tinynet"), load_model_file(cut / "model.pt", "tinynet")
+    assert a["step"] == b["step"] == 24
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for key in ("model", "optimizer"):
+        assert str(weights(full / "ckpt" / "last.pt", key)) == str(weights(cut / "ckpt" / "last.pt", key))
+    # dvc metrics and plots continue exactly as well (nothing run-dependent in them).
+    assert (full / "metrics.json").read_text() == (cut / "metrics.json").read_text()
+    for f in sorted((full / "plots").glob("*.tsv")):
+        assert f.read_text() == (cut / "plots" / f.name).read_text(), f.name
+
+
+def test_changed_param_starts_fresh_and_keeps_the_stale_checkpoint(loader_runs: dict) -> None:
+    cut = loader_runs["tmp"] / "cut" / "accum1"
+    old = safe_load(cut / "ckpt" / "last.pt")
+    p = w.launch(loader_runs["cmd"] + ["--lr", "0.02", "--steps", "3"], env=loader_runs["env"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "starting fresh" in p.stdout and "train.base_lr" in p.stdout
+    stale = cut / "ckpt" / f"stale-{old['fingerprint_id']}" / "last.pt"
+    assert safe_load(stale)["step"] == old["step"] == 24
+    new = safe_load(cut / "ckpt" / "last.pt")
+    assert new["step"] == 3 and new["fingerprint_id"] != old["fingerprint_id"]
+    assert [r.split("\t")[0] for r in (cut / "plots" / "loss.tsv").read_text().splitlines()] == ["step", "3"]
+
+
+def leet(run_dir: Path) -> list[dict]:
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    p = w.launch([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)])
+    assert p.returncode == 0, p.stderr
+    return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+def test_offline_wandb_files_hold_the_logged_keys(loader_runs: dict) -> None:
+    tmp = loader_runs["tmp"]
+    (run_dir,) = sorted((tmp / "full" / "wandb").glob("offline-run-*"))
+    records = leet(run_dir)
+    info = next(r["run"] for r in records if r["type"] == "run")
+    assert info["run_group"] == "engine-test" and info["job_type"] == "train_tinynet"
+    assert info["config"]["update"]["train"]["max_steps"] == 24
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    keys = set().union(*history)
+    assert {"loss", "mse", "tlr", "tnm", "val/mse"} <= keys
+    assert max(h["_step"] for h in history) == 24
+    # The rerun continued the killed run's W&B run: the id came from the checkpoint.
+    assert loader_runs["wandb_id"]
+    same_id = sorted((tmp / "cut" / "wandb").glob(f"offline-run-*-{loader_runs['wandb_id']}"))
+    assert len(same_id) == 2  # the killed run's folder and the rerun's
+    records = leet(same_id[-1])
+    assert next(r["run"] for r in records if r["type"] == "run")["run_id"] == loader_runs["wandb_id"]
+    steps = [r["history"]["step"]["num"] for r in records if r["type"] == "history"]
+    assert min(steps) > loader_runs["killed_at"] and max(steps) == 24
