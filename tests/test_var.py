@@ -71,6 +71,17 @@ def test_block_causal_mask() -> None:
     assert visible[1:5, :5].all() and not visible[1:5, 5:].any()  # scale 1 sees scales 0-1 only
 
 
+def test_attention_plan_skips_invisible_keys_only() -> None:
+    model = VAR(depth=1, width=64, num_classes=10, vocab_size=32, Cvae=4)  # VAR's 256 px pyramid
+    plan = model.attn_plan()
+    assert [(a, b, m is None) for a, b, m in plan] == [(0, 255, False), (255, 424, True), (424, 680, True)]
+    assert [(a, b) for a, b, _ in model.attn_plan(3)] == [(0, 1), (1, 5), (5, 14)]
+    x = torch.randn(2, model.L, 64)
+    full = [(0, model.L, model.attn_bias_for_masking)]
+    with torch.no_grad():
+        assert torch.allclose(model.blocks[0].attn(x, plan), model.blocks[0].attn(x, full), atol=1e-6)
+
+
 def test_init_follows_var() -> None:
     torch.manual_seed(0)
     model = VAR(depth=4, width=256, num_classes=10, patch_nums=PN, vocab_size=64, Cvae=4, alng=1e-3)
@@ -147,6 +158,11 @@ def test_sampler_leaves_logits_alone_and_filters() -> None:
         assert (idx[..., None] == top4).any(-1).all()
     assert torch.equal(sample_top_k_top_p(logits, top_p=1e-6, generator=g), logits.argmax(-1))
     assert torch.equal(logits, before)
+    # top-p keeps the largest tokens until their mass reaches p: probs .5 .3 .15 .05
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3]).log().expand(1, 400, 4)
+    assert set(sample_top_k_top_p(probs, top_p=0.7, generator=g).unique().tolist()) == {1, 3}
+    assert set(sample_top_k_top_p(probs, top_p=0.85, generator=g).unique().tolist()) == {1, 2, 3}
+    assert set(sample_top_k_top_p(probs, top_k=3, top_p=0.99, generator=g).unique().tolist()) == {1, 2, 3}
 
 
 def test_same_seed_same_image() -> None:

@@ -62,6 +62,12 @@ def modulate(x_normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
     return torch.addcmul(shift, x_normed, scale + 1)
 
 
+# Attention in query groups: rows [a, b) attend to keys [0, b) under an additive mask [1,1,b-a,b]
+# (0 / -inf), or with no mask (None) when all those keys are visible. [(0, L, mask)] is plain masked
+# attention; VAR's block-causal mask lets the model skip the keys a group can never see.
+AttnPlan = list[tuple[int, int, "torch.Tensor | None"]]
+
+
 class SelfAttention(nn.Module):
     """VAR's self-attention: fused qkv without K bias, optional cosine (L2-normalised) attention, KV cache.
 
@@ -93,25 +99,39 @@ class SelfAttention(nn.Module):
         """Turn the inference KV cache on or off; either way it starts empty."""
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
-    def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """attn_bias: additive [1,1,L,Lk] mask (0 / -inf), or None (no mask, e.g. with the KV cache)."""
+    def forward(self, x_BLC: torch.Tensor, plan: AttnPlan | None = None) -> torch.Tensor:
+        """plan: query groups and their masks (see AttnPlan), or None: every query sees every key
+        (with the KV cache: the new scale and all cached ones)."""
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B,H,L,c]
-        if self.attn_l2_norm:
-            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            k = F.normalize(k, dim=-1)
+        if self.attn_l2_norm:  # q/|q| * scale, k/|k|; the per-head scale is folded into the [B,H,L,1] factor
+            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            q = q * (scale_mul / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
+            k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
         if self.caching:  # scales arrive one by one; attend to every earlier scale's keys
             if self.cached_k is not None:
                 k = torch.cat((self.cached_k, k), dim=2)
                 v = torch.cat((self.cached_v, v), dim=2)
             self.cached_k, self.cached_v = k, v
-        if attn_bias is not None and attn_bias.dtype != q.dtype:
-            attn_bias = attn_bias.to(q.dtype)  # SDPA wants the float mask in q's (autocast) dtype
-        out = F.scaled_dot_product_attention(
-            q.to(v.dtype), k.to(v.dtype), v, attn_mask=attn_bias, scale=self.scale
-        )
+        q, k = q.to(v.dtype), k.to(v.dtype)  # (under autocast the normalisation may run in fp32)
+        if plan is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, a:b],
+                        k[:, :, :b],
+                        v[:, :, :b],
+                        scale=self.scale,
+                        attn_mask=None if m is None else m.to(q.dtype),  # SDPA wants the mask in q's dtype
+                    )  # fmt: skip
+                    for a, b, m in plan
+                ],
+                dim=2,
+            )
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -214,12 +234,11 @@ class AdaLNSelfAttn(nn.Module):
             return (self.ada_gss + cond).unbind(2)
         return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
 
-    def forward(
-        self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, plan: AttnPlan | None) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = self.ada_params(cond)
-        x_BLC = x_BLC + self.drop_path(self.attn(modulate(self.ln_wo_grad(x_BLC), s1, b1), attn_bias) * g1)
-        return x_BLC + self.drop_path(self.ffn(modulate(self.ln_wo_grad(x_BLC), s2, b2)) * g2)
+        # Drop-path scales a sample's whole branch, so it is applied to the small gamma [B,1,C].
+        x_BLC = x_BLC + self.attn(modulate(self.ln_wo_grad(x_BLC), s1, b1), plan) * self.drop_path(g1)
+        return x_BLC + self.ffn(modulate(self.ln_wo_grad(x_BLC), s2, b2)) * self.drop_path(g2)
 
 
 class CrossAttnBlock(AdaLNSelfAttn):
@@ -233,12 +252,12 @@ class CrossAttnBlock(AdaLNSelfAttn):
         self.ca_gamma = nn.Parameter(torch.full((C,), ca_gamma))
 
     def forward(  # type: ignore[override]
-        self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None, kv_BLC: torch.Tensor
+        self, x_BLC: torch.Tensor, cond: torch.Tensor, plan: AttnPlan | None, kv_BLC: torch.Tensor
     ) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = self.ada_params(cond)
-        x_BLC = x_BLC + self.drop_path(self.attn(modulate(self.ln_wo_grad(x_BLC), s1, b1), attn_bias) * g1)
+        x_BLC = x_BLC + self.attn(modulate(self.ln_wo_grad(x_BLC), s1, b1), plan) * self.drop_path(g1)
         x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), kv_BLC) * self.ca_gamma
-        return x_BLC + self.drop_path(self.ffn(modulate(self.ln_wo_grad(x_BLC), s2, b2)) * g2)
+        return x_BLC + self.ffn(modulate(self.ln_wo_grad(x_BLC), s2, b2)) * self.drop_path(g2)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -260,18 +279,22 @@ def sample_top_k_top_p(
 ) -> torch.Tensor:
     """Sample one token per position -> idx_Bl. Does NOT modify ``logits_BlV`` (VAR's helper does).
 
-    top_k keeps the k largest logits; top_p keeps the smallest set whose probability reaches p (the
-    largest token is always kept). 0 disables either filter.
+    top_k keeps the k largest logits; top_p keeps the smallest set of the largest tokens whose
+    probability reaches p (the largest is always kept). 0 disables either filter. Same distribution
+    as VAR's helper, but the filters and the draw work on the k candidates only, not on all V.
     """
     B, l, V = logits_BlV.shape
-    logits = logits_BlV.float()
+    logits = logits_BlV.float().reshape(B * l, V)
+    cand_idx = None  # candidates' vocabulary ids when filtered, [N,k] sorted by logit, descending
     if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits = logits.masked_fill(logits < kth, -torch.inf)
+        logits, cand_idx = logits.topk(top_k, dim=-1)
     if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1)  # ascending: the tail to drop comes first
-        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop_sorted[..., -1] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, sorted_idx, drop_sorted), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, 1, generator=generator).view(B, l)
+        if cand_idx is None:
+            logits, cand_idx = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly larger candidates
+        logits = logits.masked_fill(mass_before >= top_p, -torch.inf)
+    pick_N1 = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    if cand_idx is not None:
+        pick_N1 = cand_idx.gather(-1, pick_N1)
+    return pick_N1.view(B, l)

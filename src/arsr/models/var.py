@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arsr.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, CrossAttnBlock, sample_top_k_top_p
+from arsr.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, AttnPlan, CrossAttnBlock, sample_top_k_top_p
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256 px pyramid, L = 680
 
@@ -203,15 +203,29 @@ class NextScaleAR(nn.Module):
         return var_no_weight_decay(name, param)
 
     # ---- transformer passes -------------------------------------------------------------------
+    def attn_plan(self, n_scales: int | None = None) -> AttnPlan:
+        """Block-causal attention over the first ``n_scales`` scales (default all), in three query
+        groups: the last scale and the one before it each see every earlier key (no mask), all
+        earlier scales share the masked group. Skipping the keys a group never sees saves about a
+        third of the attention work at L = 680 (and lets unmasked groups use flash kernels)."""
+        n = n_scales or len(self.patch_nums)
+        begins = [bg for bg, _ in self.begin_ends[:n]]
+        cuts = sorted({0, begins[max(n - 2, 0)], begins[n - 1], self.begin_ends[n - 1][1]})
+        plan: AttnPlan = []
+        for a, b in zip(cuts, cuts[1:]):
+            one_scale = (a, b) in self.begin_ends
+            plan.append((a, b, None if one_scale else self.attn_bias_for_masking[:, :, a:b, :b]))
+        return plan
+
     def _blocks(
         self,
         x_BLC: torch.Tensor,
         cond: torch.Tensor,
-        attn_bias: torch.Tensor | None,
+        plan: AttnPlan | None,
         kv_BLC: torch.Tensor | None,
     ) -> torch.Tensor:
         for b in self.blocks:
-            x_BLC = b(x_BLC, cond, attn_bias) if kv_BLC is None else b(x_BLC, cond, attn_bias, kv_BLC)
+            x_BLC = b(x_BLC, cond, plan) if kv_BLC is None else b(x_BLC, cond, plan, kv_BLC)
         return x_BLC
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -233,7 +247,7 @@ class NextScaleAR(nn.Module):
             x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x_BLC = x_BLC + self.lvl_embed(self.lvl_1L) + self.pos_1LC
             cond = self.shared_ada_lin(cond_BD.float())
-        return self._blocks(x_BLC, cond, self.attn_bias_for_masking, kv_BLC)
+        return self._blocks(x_BLC, cond, self.attn_plan(), kv_BLC)
 
     def _kv_caching(self, enable: bool) -> None:
         for b in self.blocks:
@@ -284,20 +298,20 @@ class NextScaleAR(nn.Module):
         prefix: list[torch.Tensor] = []
         self._kv_caching(use_cache)
         try:
-            for si, (pn, (bg, ed)) in enumerate(zip(self.patch_nums, self.begin_ends)):
+            for si, (pn, (bg, _)) in enumerate(zip(self.patch_nums, self.begin_ends)):
                 if use_cache:
                     h_BlC = self._blocks(next_BlC, cond, None, kv_BLC)
                 else:
                     prefix.append(next_BlC)
-                    mask = self.attn_bias_for_masking[:, :, :ed, :ed]
-                    h_BlC = self._blocks(torch.cat(prefix, dim=1), cond, mask, kv_BLC)[:, bg:]
+                    plan = self.attn_plan(si + 1)
+                    h_BlC = self._blocks(torch.cat(prefix, dim=1), cond, plan, kv_BLC)[:, bg:]
                 idx_Bl = pick(si, self.get_logits(h_BlC, cond_BD))
                 idx_Bl_list.append(idx_Bl)
                 h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
                 f_hat, next_BChw = quant.get_next_autoregressive_input(si, SN, f_hat, h_BChw)
                 if si + 1 < SN:  # next input: cumulative reconstruction on the next grid
-                    bg, ed = self.begin_ends[si + 1]
-                    next_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, bg:ed]
+                    nbg, ned = self.begin_ends[si + 1]
+                    next_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, nbg:ned]
                     next_BlC = next_BlC.repeat(rep, 1, 1)
         finally:
             self._kv_caching(False)
