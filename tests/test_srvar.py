@@ -9,7 +9,7 @@ import torch
 
 from arsr.config import SRVARConfig
 from arsr.models.layers import sample_top_k_top_p
-from arsr.models.srvar import SRVAR, build_srvar, init_from, last_scale_residual, srvar_kwargs
+from arsr.models.srvar import SRVAR, build_srvar, init_from, last_scale_residual, srvar_kwargs, srvar_loss
 from arsr.models.var import VAR, ar_loss
 from arsr.models.vqvae import VQVAE
 
@@ -182,8 +182,10 @@ def test_refiner_trains_and_refines() -> None:
     model = tiny_srvar(**REFINER).train()
     with pytest.raises(ValueError, match="f_BChw"):
         model(lrf, x)
-    _, diff = model(lrf, x, f_BChw=f, vae=vae)
+    logits, diff = model(lrf, x, f_BChw=f, vae=vae)
     assert diff.ndim == 0 and torch.isfinite(diff)
+    loss, m = srvar_loss(logits, torch.cat(gt, 1), diff, last_l=16, diff_weight=2.0)
+    assert loss.item() == pytest.approx(m["Lm"].item() + 2.0 * m["diff_loss"].item(), rel=1e-5)
     diff.backward()
     assert model.refiner.net.input_proj.weight.grad.abs().sum() > 0
     assert model.blocks[-1].ffn.fc2.weight.grad.abs().sum() > 0  # the refiner's condition is h_last

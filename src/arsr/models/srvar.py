@@ -36,7 +36,14 @@ from torch import nn
 from arsr.config import SRVARConfig
 from arsr.models.diffloss import DiffLoss
 from arsr.models.layers import AttentivePool, RMSNorm
-from arsr.models.var import NextScaleAR, Picker, TokenizerVAE, read_var_state_dict, var_no_weight_decay
+from arsr.models.var import (
+    NextScaleAR,
+    Picker,
+    TokenizerVAE,
+    ar_loss,
+    read_var_state_dict,
+    var_no_weight_decay,
+)
 
 
 def last_scale_residual(
@@ -87,8 +94,9 @@ class SRVAR(NextScaleAR):
         refiner_batch_mul: int = 4,
     ) -> None:
         super().__init__(
-            depth, patch_nums, vocab_size, Cvae, width, heads, mlp_ratio, drop_path, attn_l2_norm, alng,
-            shared_aln, norm_eps, cond_drop, cross_attn=True,
+            depth, patch_nums, vocab_size, Cvae, width=width, heads=heads, mlp_ratio=mlp_ratio,
+            drop_path=drop_path, attn_l2_norm=attn_l2_norm, alng=alng, shared_aln=shared_aln,
+            norm_eps=norm_eps, cond_drop=cond_drop, cross_attn=True,
         )  # fmt: skip
         self._config = dict(
             depth=depth, patch_nums=list(self.patch_nums), vocab_size=vocab_size, Cvae=Cvae, width=width,
@@ -158,7 +166,7 @@ class SRVAR(NextScaleAR):
         x_BLCv_wo_first_l: [B,L-1,Cv] from ``vae.idxBl_to_var_input``. With the refiner on, also
         pass the HR pre-quantisation latent ``f_BChw`` [B,Cv,h,w] and the (frozen) ``vae``; the
         refiner is trained on r = f - f_hat, with the argmax-predicted last-scale tokens in f_hat.
-        Loss = CE + diff_weight * diff_loss (see :func:`arsr.models.var.ar_loss`).
+        Loss = CE + diff_weight * diff_loss (see :func:`srvar_loss`).
         """
         lrf_BlCv = self._lr_tokens(lrf)
         if self.training and self.cond_drop > 0:  # per-sample; where() keeps cfg_uncond on the graph (DDP)
@@ -237,6 +245,22 @@ class SRVAR(NextScaleAR):
         return vae.fhat_to_img(f_hat).clamp(-1, 1).add(1).mul(0.5)
 
 
+def srvar_loss(
+    logits_BLV: torch.Tensor,
+    gt_BL: torch.Tensor,
+    diff_loss: torch.Tensor | None,
+    last_l: int,
+    label_smoothing: float = 0.0,
+    diff_weight: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training loss CE + diff_weight * diff_loss, and the metrics Lm, Lt, Accm, Acct (+ diff_loss)."""
+    loss, metrics = ar_loss(logits_BLV, gt_BL, last_l, label_smoothing)
+    if diff_loss is not None:
+        loss = loss + diff_weight * diff_loss
+        metrics["diff_loss"] = diff_loss.detach()
+    return loss, metrics
+
+
 def srvar_kwargs(
     cfg: SRVARConfig, patch_nums: Sequence[int], vocab_size: int, Cvae: int, refiner_scale: float = 1.0
 ) -> dict[str, Any]:
@@ -288,4 +312,12 @@ def init_from(model: SRVAR, path: str | Path) -> InitReport:
     return report
 
 
-__all__ = ["SRVAR", "InitReport", "build_srvar", "init_from", "last_scale_residual", "srvar_kwargs"]
+__all__ = [
+    "SRVAR",
+    "InitReport",
+    "build_srvar",
+    "init_from",
+    "last_scale_residual",
+    "srvar_kwargs",
+    "srvar_loss",
+]

@@ -288,11 +288,12 @@ class NextScaleAR(nn.Module):
         """
         quant, SN, pn_last = vae.quantize, len(self.patch_nums), self.patch_nums[-1]
         nB, rep = sos_BD.shape[0], sos_BD.shape[0] // B
-        lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        cond = self.shared_ada_lin(cond_BD)
-        next_BlC = (
-            sos_BD[:, None].expand(nB, self.first_l, -1) + self.pos_start + lvl_pos_1LC[:, : self.first_l]
-        )
+        fp32 = torch.autocast(sos_BD.device.type, enabled=False)  # embeddings in fp32, as in hidden_states
+        with fp32:
+            lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+            cond = self.shared_ada_lin(cond_BD.float())
+            sos_BlC = sos_BD.float()[:, None].expand(nB, self.first_l, -1) + self.pos_start
+            next_BlC = sos_BlC + lvl_pos_1LC[:, : self.first_l]
         f_hat = sos_BD.new_zeros(B, self.Cvae, pn_last, pn_last)
         idx_Bl_list: list[torch.Tensor] = []
         prefix: list[torch.Tensor] = []
@@ -311,8 +312,9 @@ class NextScaleAR(nn.Module):
                 f_hat, next_BChw = quant.get_next_autoregressive_input(si, SN, f_hat, h_BChw)
                 if si + 1 < SN:  # next input: cumulative reconstruction on the next grid
                     nbg, ned = self.begin_ends[si + 1]
-                    next_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, nbg:ned]
-                    next_BlC = next_BlC.repeat(rep, 1, 1)
+                    with fp32:
+                        next_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2).float())
+                    next_BlC = (next_BlC + lvl_pos_1LC[:, nbg:ned]).repeat(rep, 1, 1)
         finally:
             self._kv_caching(False)
         return f_hat, idx_Bl_list, h_BlC
