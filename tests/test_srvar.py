@@ -196,3 +196,16 @@ def test_refiner_trains_and_refines() -> None:
     again, _ = model.sample_fhat(lrf, vae, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(a, b) for a, b in zip(idx, idx2))  # the refiner only adds a residual
     assert not torch.allclose(plain, refined) and torch.equal(refined, again)
+
+
+def test_bf16_autocast_runs_in_bf16_and_keeps_fp32_logits() -> None:
+    vae, model = tiny_vae(), tiny_srvar()
+    gt, x, lrf = batch(vae, B=2)
+    seen = []
+    hook = model.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(lrf, x)
+        model.sample_fhat(lrf, vae, cfg=1.5, top_k=4)
+    hook.remove()
+    assert logits.dtype == torch.float32 and set(seen) == {torch.bfloat16}
+    assert (logits - model(lrf, x)[0]).abs().max() < 0.1

@@ -256,7 +256,7 @@ class CrossAttnBlock(AdaLNSelfAttn):
     ) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = self.ada_params(cond)
         x_BLC = x_BLC + self.attn(modulate(self.ln_wo_grad(x_BLC), s1, b1), plan) * self.drop_path(g1)
-        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), kv_BLC) * self.ca_gamma
+        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), kv_BLC) * self.ca_gamma.to(x_BLC.dtype)
         return x_BLC + self.ffn(modulate(self.ln_wo_grad(x_BLC), s2, b2)) * self.drop_path(g2)
 
 

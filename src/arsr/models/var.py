@@ -224,6 +224,10 @@ class NextScaleAR(nn.Module):
         plan: AttnPlan | None,
         kv_BLC: torch.Tensor | None,
     ) -> torch.Tensor:
+        device = x_BLC.device.type
+        if torch.is_autocast_enabled(device):  # residual stream in the AMP dtype, as VAR runs it
+            dtype = torch.get_autocast_dtype(device)
+            x_BLC, cond = x_BLC.to(dtype), cond.to(dtype)
         for b in self.blocks:
             x_BLC = b(x_BLC, cond, plan) if kv_BLC is None else b(x_BLC, cond, plan, kv_BLC)
         return x_BLC
