@@ -309,10 +309,8 @@ class Trainer:
 
         scaler.unscale_(opt)
         params = [p for g in opt.param_groups for p in g["params"]]
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # Always measured (tnm); with grad_clip 0 the max norm is inf and the grads are left as they are.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         # One small all-reduce per step: the mean loss (for the NaN rule, identical on every
         # rank) and the stop flag, so every rank skips, stops and checkpoints at the same step.
         stats = torch.stack([loss_sum / cfg.accum, torch.tensor(float(self._stop_signal), device=d.device)])
@@ -460,24 +458,28 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, d = self.cfg, self.dist
-        rng_state = self._setup()
-        if self.step < cfg.max_steps:
-            # Before restoring the RNG: a DataLoader draws its base seed from the global RNG when
-            # its iterator is made, which the uninterrupted run also did before its first step.
-            train_iter = iter(self.make_train_iter(self.step * cfg.accum))
-        if rng_state is not None:
-            set_rng_state(rng_state)
+        # Signal handlers first, so that a signal during set-up is not lost. Note: torchrun and
+        # SLURM signal the whole process group, DataLoader workers included, and a worker killed
+        # by SIGTERM makes PyTorch raise in this process; so loaders' workers must ignore
+        # SIGTERM/SIGUSR1 (a worker_init_fn), as the main process decides when to stop.
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 previous[sig] = signal.signal(sig, self._on_signal)
-        start_step, t0 = self.step, time.perf_counter()
-        plots = PlotWriter(self.out_dir / "plots")
-        progress = Progress(cfg.max_steps, self.step, enabled=d.is_main)
-        exit_code = 1
+        progress, exit_code = None, 1
         try:
-            if self.step >= cfg.max_steps:
+            rng_state = self._setup()
+            if self.step < cfg.max_steps:
+                # Before restoring the RNG: a DataLoader draws its base seed from the global RNG
+                # when its iterator is made, which the uninterrupted run also did before step 1.
+                train_iter = iter(self.make_train_iter(self.step * cfg.accum))
+            else:
                 print0(f"already trained {self.step} steps: rewriting the outputs only")
+            if rng_state is not None:
+                set_rng_state(rng_state)
+            start_step, t0 = self.step, time.perf_counter()
+            plots = PlotWriter(self.out_dir / "plots")
+            progress = Progress(cfg.max_steps, self.step, enabled=d.is_main)
             while self.step < cfg.max_steps:
                 stop = self._train_step(train_iter)
                 progress.update(self.step)
@@ -503,7 +505,8 @@ class Trainer:
             barrier()
             exit_code = 0
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             self.wandb.finish(exit_code=exit_code)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
