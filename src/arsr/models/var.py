@@ -63,8 +63,8 @@ def var_no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 def cfg_mix(logits_2BlV: torch.Tensor, t: float) -> torch.Tensor:
     """Classifier-free guidance on logits: (1+t) * cond - t * uncond (conditional half first)."""
-    B = logits_2BlV.shape[0] // 2
-    return (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+    cond, uncond = logits_2BlV.chunk(2)
+    return torch.lerp(uncond, cond, 1 + t)  # = uncond + (1+t)(cond - uncond), one pass
 
 
 def ar_loss(
@@ -77,9 +77,11 @@ def ar_loss(
     """
     V = logits_BLV.shape[-1]
     flat, tgt = logits_BLV.reshape(-1, V), gt_BL.reshape(-1)
-    loss = F.cross_entropy(flat, tgt, label_smoothing=label_smoothing)
+    ce_BL = F.cross_entropy(flat, tgt, reduction="none").view_as(gt_BL)
+    ls = label_smoothing
+    loss = ce_BL.mean() if ls == 0 else F.cross_entropy(flat, tgt, label_smoothing=ls)
     with torch.no_grad():
-        ce_BL = F.cross_entropy(flat.detach().float(), tgt, reduction="none").view_as(gt_BL)
+        ce_BL = ce_BL.detach()
         hit_BL = (logits_BLV.detach().argmax(-1) == gt_BL).float() * 100
         metrics = {
             "Lm": ce_BL.mean(),
@@ -160,7 +162,7 @@ class NextScaleAR(nn.Module):
                 attn_l2_norm=attn_l2_norm,
                 norm_eps=norm_eps,
                 shared_aln=shared_aln,
-            )  # fmt: skip
+            )
             for i in range(depth)
         )
         self.head_nm = AdaLNBeforeHead(C, self.D, norm_eps)
