@@ -311,13 +311,12 @@ class Trainer:
         params = [p for g in opt.param_groups for p in g["params"]]
         # Always measured (tnm); with grad_clip 0 the max norm is inf and the grads are left as they are.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-        # One small all-reduce per step: the mean loss (for the NaN rule, identical on every
-        # rank) and the stop flag, so every rank skips, stops and checkpoints at the same step.
-        stats = torch.stack([loss_sum / cfg.accum, torch.tensor(float(self._stop_signal), device=d.device)])
-        loss_val, stop = (
-            all_reduce_sum_(stats) / torch.tensor([d.world_size, 1.0], device=d.device)
-        ).tolist()
-        gnorm = float(grad_norm)  # identical on every rank: gradients were all-reduced
+        # One small all-reduce and one host sync per step: the mean loss and grad norm (the norm is
+        # the same on every rank already) and the stop flag. Every rank then holds the same
+        # numbers, so all of them skip, stop and checkpoint at the same step.
+        stop_flag = torch.tensor(float(self._stop_signal), device=d.device)
+        stats = torch.stack([loss_sum / cfg.accum, grad_norm.float(), stop_flag])
+        loss_val, gnorm, stop = (all_reduce_sum_(stats) / d.world_size).tolist()
 
         # fp16: the scaler skips steps with inf/nan gradients itself (and lowers its scale);
         # only a non-finite loss counts as bad. bf16/fp32: any non-finite value skips the step.
