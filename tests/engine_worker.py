@@ -193,12 +193,19 @@ def main() -> None:
                 Path(args.marker).write_text(str(step))
             time.sleep(args.sleep)
 
+        def on_val(step: int, ema_model: nn.Module, run) -> dict:
+            # What a stage does here: sample grids and per-image tables for people.
+            grid = (torch.arange(8 * 8 * 3) % 256).to(torch.uint8).reshape(8, 8, 3)
+            run.log_images("samples", [grid, grid.numpy()], captions=["a", "b"], step=step)
+            run.log_table("per_image", ["key", "mse"], [["a", 0.5], ["b", 0.25]])
+            return {"val/hook": float(step)}
+
         fingerprint = {"train": cfg.model_dump(mode="json"), "dropout": args.dropout, "data": args.shards}
         trainer = Trainer(
             kind="tinynet", model=model, model_config={"width": 32, "dropout": args.dropout}, cfg=cfg,
             loss_fn=loss_fn, make_train_iter=make_train_iter, out_dir=Path(args.out) / f"accum{accum}",
             fingerprint=fingerprint, seed=3, val_fn=val_fn,
-            make_val_iter=lambda: val_batches(d.rank, d.world_size), on_step=on_step,
+            make_val_iter=lambda: val_batches(d.rank, d.world_size), on_step=on_step, on_val=on_val,
             model_extra={"note": 1.5}, dist_info=d,
         )  # fmt: skip
         trainer.fit()

@@ -30,7 +30,7 @@ from arsr.train import (
 )
 from arsr.train.checkpoint import CKPT_FORMAT, atomic_save
 from arsr.train.ema import EMA
-from arsr.train.logging import PlotWriter, init_wandb
+from arsr.train.logging import PlotWriter, init_wandb, pipeline_group
 from arsr.train.optim import END_RATIO, lr_factor, param_groups, peak_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +223,18 @@ def test_sigusr1_checkpoints_exits_nonzero_and_resumes(tmp_path: Path) -> None:
     assert safe_load(tmp_path / "run" / "ckpt" / "last.pt")["step"] == 4  # seen at the next step's check
     assert not (tmp_path / "run" / "model.pt").exists()
     assert make_trainer(tmp_path / "run").fit().step == 6
+
+
+def test_wandb_group_derives_from_params_and_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    monkeypatch.chdir(tmp_path)  # no git here: the commit part is 'nogit'
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    first = pipeline_group()
+    assert first.startswith("pipe-") and pipeline_group() == first  # every stage gets the same id
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    assert pipeline_group() != first
+    monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-7")
+    assert pipeline_group() == "sweep-7"
 
 
 def test_checkpoint_of_another_kind_or_config_is_refused(tmp_path: Path) -> None:

@@ -105,7 +105,11 @@ def test_offline_wandb_files_hold_the_logged_keys(loader_runs: dict) -> None:
     assert info["config"]["update"]["train"]["max_steps"] == 24
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     keys = set().union(*history)
-    assert {"loss", "mse", "tlr", "tnm", "val/mse"} <= keys
+    assert {"loss", "mse", "tlr", "tnm", "val/mse", "val/hook", "samples._type", "per_image._type"} <= keys
+    val_steps = sorted(h["_step"] for h in history if "val/mse" in h)
+    assert val_steps == [5, 10, 15, 20, 24] and all("samples._type" in h for h in history if "val/mse" in h)
+    assert len(list((run_dir / "files" / "media" / "images").glob("samples_*.png"))) >= 2
+    assert list((run_dir / "files" / "media" / "table").glob("per_image_*.table.json"))
     assert max(h["_step"] for h in history) == 24
     # The rerun continued the killed run's W&B run: the id came from the checkpoint.
     assert loader_runs["wandb_id"]

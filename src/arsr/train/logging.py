@@ -82,12 +82,19 @@ class WandbRun:
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self._guard("log", lambda: self._run.log(metrics, step=step))
 
+    def _log_media(self, what: str, data: Any, step: int | None) -> None:
+        # Without a step, media join the row being built instead of committing one of their
+        # own: a commit would advance W&B's step, and the trainer's next log at the same
+        # optimizer step would be dropped as going backwards.
+        kwargs = {"step": step} if step is not None else {"commit": False}
+        self._guard(what, lambda: self._run.log(data(), **kwargs))
+
     def log_images(
         self, key: str, images: Sequence[Any], captions: Sequence[str] | None = None, step: int | None = None
     ) -> None:
         """``images``: HWC uint8 arrays/tensors or PIL images."""
 
-        def go() -> None:
+        def data() -> dict[str, Any]:
             import wandb
 
             caps = list(captions) if captions is not None else [None] * len(images)
@@ -95,17 +102,19 @@ class WandbRun:
                 wandb.Image(im.cpu().numpy() if isinstance(im, torch.Tensor) else im, caption=c)
                 for im, c in zip(images, caps)
             ]
-            self._run.log({key: items}, step=step)
+            return {key: items}
 
-        self._guard("log_images", go)
+        self._log_media("log_images", data, step)
 
-    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        def go() -> None:
+    def log_table(
+        self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None
+    ) -> None:
+        def data() -> dict[str, Any]:
             import wandb
 
-            self._run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+            return {key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}
 
-        self._guard("log_table", go)
+        self._log_media("log_table", data, step)
 
     def summary_update(self, values: dict[str, Any]) -> None:
         self._guard("summary_update", lambda: self._run.summary.update(values))
