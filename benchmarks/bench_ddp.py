@@ -144,7 +144,8 @@ def main() -> None:
     # other jobs competing for the cores (gloo's threads' CPU time included).
     ideal = 2 * one["cpu_s"] / two["cpu_s"]
     print(f"  CPU-time based (each rank on a free core): {ideal:.2f}x")
-    print(f"bf16 / fp32 step time: {bf16['step_s'] / one['step_s']:.2f}")
+    print(f"bf16 / fp32 step time: {bf16['step_s'] / one['step_s']:.2f} wall, "
+          f"{bf16['cpu_s'] / one['cpu_s']:.2f} CPU time")  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
