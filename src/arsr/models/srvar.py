@@ -62,7 +62,7 @@ def last_scale_residual(
     """
     B, Cv, H, W = f_BChw.shape
     f_prev = x_BLCv_wo_first_l[:, -H * W :].transpose(1, 2).reshape(B, Cv, H, W).float()
-    h_BChw = vae.quantize.embedding(idx_last_Bl).transpose(1, 2).reshape(B, Cv, H, W)
+    h_BChw = vae.quantize.embedding(idx_last_Bl.long()).transpose(1, 2).reshape(B, Cv, H, W)
     f_hat, _ = vae.quantize.get_next_autoregressive_input(SN - 1, SN, f_prev.clone(), h_BChw)
     return f_BChw.float() - f_hat
 
