@@ -135,7 +135,7 @@ def set_deterministic(on: bool) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """This rank's RNG states as tensors and plain values (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", ...)
     return {
         "python": list(random.getstate()),
         "numpy": {
