@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The tiny-DAG session fixtures, shared by test_pipeline.py and test_slurm.py.
+from pipeline_fixtures import dvc_project, smk_project  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SR_BENCH = SHARED / "data" / "sr_benchmarks"

@@ -6,16 +6,23 @@ Reads ``<section>.train.nproc`` from params.yaml and execs one of:
 
 - ``nproc == 1`` outside SLURM: the stage as one plain process (no torchrun);
 - outside SLURM: ``torchrun --standalone --nproc-per-node=N -m arsr.stages.<stage>``;
-- inside a SLURM job: torchrun with a c10d rendezvous on the job's first node, at a port
-  derived from the job id (two jobs on one node never collide), one torchrun per node;
-  from a batch script (no step yet) it goes through ``srun --ntasks-per-node=1`` so one
-  rule can span several nodes.
+- inside a SLURM job step (Snakemake's default: its jobstep executor runs each rule under
+  ``srun -n1``): torchrun over the step's nodes with a c10d rendezvous on the step's first
+  node, at a port derived from the job id (two jobs on one node never collide);
+- inside a SLURM batch script (no step yet; a rule with the ``mpi`` resource, or your own
+  sbatch script) on several nodes: ``srun --ntasks-per-node=1`` runs this launcher once per
+  node, which then takes the case above; on one node, torchrun directly.
+
+Inside SLURM the torchrun agent ignores SIGUSR1: ``sbatch --signal=USR1@120`` reaches every
+process of the step, and only the training ranks should react (the engine checkpoints and
+exits non-zero); an agent killed by the signal would leave them orphaned.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -37,6 +44,43 @@ def _first_host(nodelist: str) -> str:
     return nodelist.split(",")[0].split("[")[0]
 
 
+def complete_slurm_env(env: dict[str, str]) -> dict[str, str]:
+    """Fill in the job's node count, node list and CPUs per task from ``scontrol`` when missing.
+
+    Snakemake's jobstep executor keeps only ``SLURM_JOB_ID`` (and a few ids) of the ``SLURM_*``
+    variables before it runs a rule; without this a multi-node rule would train on one node.
+    """
+    job_id = env.get("SLURM_JOB_ID")
+    if job_id is None or "SLURM_STEP_ID" in env or "SLURM_JOB_NUM_NODES" in env:
+        return env
+    if not shutil.which("scontrol"):
+        return env
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if out.returncode != 0:
+        return env
+    fields = dict(tok.split("=", 1) for tok in out.stdout.split() if "=" in tok)
+    env = dict(env)
+    for var, key in (
+        ("SLURM_JOB_NUM_NODES", "NumNodes"),
+        ("SLURM_JOB_NODELIST", "NodeList"),
+        ("SLURM_CPUS_PER_TASK", "CPUs/Task"),
+    ):
+        value = fields.get(key, "")
+        if var not in env and value not in ("", "(null)", "N/A"):
+            env[var] = value
+    return env
+
+
+def _torchrun(job_id: str, nnodes: int, nodelist: str, nproc: int, module: list[str]) -> list[str]:
+    head = _first_host(nodelist)
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{rendezvous_port(job_id)}", f"--rdzv-id={job_id}",
+        *module,
+    ]  # fmt: skip
+
+
 def build_command(stage: str, nproc: int, env: dict[str, str], extra: list[str]) -> list[str]:
     module = ["-m", f"arsr.stages.{stage}", *extra]
     job_id = env.get("SLURM_JOB_ID")
@@ -51,17 +95,27 @@ def build_command(stage: str, nproc: int, env: dict[str, str], extra: list[str])
             f"--nproc-per-node={nproc}",
             *module,
         ]
-    nnodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
-    head = _first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
-    torchrun = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{rendezvous_port(job_id)}", f"--rdzv-id={job_id}",
-        *module,
+    job_nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    job_nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+    if "SLURM_STEP_ID" in env:
+        # Already in a step: one torchrun per node of *this step* (it may span fewer nodes
+        # than the job, e.g. under Snakemake's `srun -n1`).
+        nnodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        if nnodes < job_nodes:
+            print(
+                f"launch: warning: the job has {job_nodes} nodes but this step {nnodes}; training on "
+                f"{nnodes} (for a multi-node rule give it the `mpi: srun` and `tasks` resources)",
+                file=sys.stderr,
+            )
+        return _torchrun(job_id, nnodes, env.get("SLURM_STEP_NODELIST") or job_nodelist, nproc, module)
+    if job_nodes == 1:
+        return _torchrun(job_id, 1, job_nodelist, nproc, module)
+    # Batch script on several nodes: a step with this launcher once per node (see above).
+    cpus = [f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}"] if env.get("SLURM_CPUS_PER_TASK") else []
+    return [
+        "srun", f"--nodes={job_nodes}", "--ntasks-per-node=1", *cpus, "--kill-on-bad-exit=1",
+        sys.executable, "-m", "arsr.stages.launch", stage, *extra,
     ]  # fmt: skip
-    if "SLURM_STEP_ID" in env or nnodes == 1:
-        return torchrun  # already inside a step (or one node): no nested srun
-    return ["srun", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *torchrun]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"arsr {stage}: error: {err}", file=sys.stderr)
         return 2
-    cmd = build_command(stage, nproc, dict(os.environ), extra)
+    env = complete_slurm_env(dict(os.environ))
+    cmd = build_command(stage, nproc, env, extra)
+    if "SLURM_JOB_ID" in env and cmd[0] != "srun":
+        # Inherited across exec by torchrun and its workers; the engine installs its own handler.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     print("launch:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached

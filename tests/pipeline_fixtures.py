@@ -1,0 +1,100 @@
+"""The tiny DAG in throw-away copies of this repo, shared by the end-to-end tests.
+
+conftest.py imports the session fixtures (`dvc_project`, `smk_project`), so the slow builds
+run once per session whichever test files need them (test_pipeline.py, test_slurm.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The smallest DAG that still exercises every stage (CPU, a couple of minutes).
+TINY_PARAMS = {
+    "seed": 0,
+    "data": {
+        "source": "builtin",
+        "hr_size": 32,
+        "scale": 4,
+        "crop_stride": 64,
+        "min_shards": 4,
+        "workers": 2,
+    },
+    "vqvae": {
+        "ch": 16,
+        "ch_mult": [1, 2, 2, 4],
+        "vocab_size": 64,
+        "z_channels": 8,
+        "patch_nums": [1, 2, 3, 4],
+    },
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["WANDB_MODE"] = "offline"
+    env.pop("WANDB_RUN_GROUP", None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A git repo holding this checkout's files (tracked + untracked, not ignored) and ``params``."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def sha_tree(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".snakemake_timestamp"
+    }
+
+
+@pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    proj = make_project(tmp_path_factory.mktemp("dvc"), TINY_PARAMS)
+    run(["dvc", "repro"], proj)
+    return proj
+
+
+@pytest.fixture(scope="session")
+def smk_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    proj = make_project(tmp_path_factory.mktemp("smk"), TINY_PARAMS)
+    run(["snakemake", "--cores", "2"], proj)
+    return proj

@@ -1,0 +1,216 @@
+"""The tiny DAG through SLURM: every dvc.yaml stage becomes an sbatch job, outputs equal local ones.
+
+Needs a running cluster (`.ci/slurm.sh start`, as root; `.ci/run` does it). Without one these
+tests fail under CI=true and are skipped otherwise. The launcher tests at the end need no
+cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pipeline_fixtures import TINY_PARAMS, make_project, run, sha_tree
+
+from arsr.stages.launch import build_command, rendezvous_port
+
+SMK_TIMEOUT_S = 1500  # the whole tiny DAG on 2 CPUs, plus ~10-40 s of SLURM status polling per stage
+# The first cluster test also builds the local reference run (smk_project) when no other test has.
+CLUSTER_TEST_TIMEOUT_S = SMK_TIMEOUT_S + 900
+USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
+
+
+def _cluster_problem() -> str | None:
+    """Why no SLURM job could run here, or None when a partition with a usable node is up."""
+    if shutil.which("sinfo") is None:
+        return "`sinfo` not found (SLURM client tools are not installed)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`sinfo` did not answer within 30 s (slurmctld down?)"
+    if out.returncode != 0:
+        return f"`sinfo` failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}"
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    if not any(avail == "up" and state in USABLE_NODE_STATES for avail, state in rows):
+        return f"no partition up with a usable node: sinfo says {out.stdout.strip()!r}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    problem = _cluster_problem()
+    if problem is None:
+        return
+    msg = f"no SLURM cluster: {problem}. Start one with `sudo .ci/slurm.sh start`."
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def _squeue_jobs() -> dict[str, dict[str, str]]:
+    """Every job slurmctld still knows (MinJobAge keeps finished ones): id -> state, comment, workdir."""
+    out = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i|%T|%k|%Z"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    jobs = {}
+    for line in out.stdout.splitlines():
+        job_id, state, comment, workdir = line.split("|", 3)
+        jobs[job_id] = {"state": state, "comment": comment, "workdir": workdir}
+    return jobs
+
+
+def _cancel_jobs_in(proj: Path) -> None:
+    live = [
+        i
+        for i, j in _squeue_jobs().items()
+        if j["workdir"] == str(proj) and j["state"] in {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED"}
+    ]
+    if live:
+        subprocess.run(["scancel", *live], check=False, timeout=30)
+
+
+def dag_rules_and_metrics(proj: Path) -> tuple[list[str], list[Path]]:
+    """Every dvc.yaml stage as its Snakemake rule name (as the Snakefile derives it), and every
+    declared ``metrics.json`` (relative paths)."""
+    from dvc.repo import Repo
+
+    with Repo(str(proj)) as repo:
+        stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
+        rules = sorted(s.name.replace("@", "__") for s in stages)
+        metrics = sorted(
+            Path(o.fs_path).relative_to(proj)
+            for s in stages
+            for o in s.outs
+            if Path(o.fs_path).name == "metrics.json"
+        )
+    return rules, metrics
+
+
+@pytest.fixture(scope="session")
+def slurm_run(
+    slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, float, str]]:
+    """The tiny DAG built by `snakemake --workflow-profile workflow/profiles/slurm`: (copy, seconds, log)."""
+    proj = make_project(tmp_path_factory.mktemp("slurm"), TINY_PARAMS)
+    t0 = time.perf_counter()
+    try:
+        # `timeout -k`: Snakemake answers SIGTERM by waiting for its running jobs.
+        cmd = ["timeout", "-k", "10", str(SMK_TIMEOUT_S), "snakemake", "--workflow-profile"]
+        proc = run([*cmd, "workflow/profiles/slurm"], proj, timeout=SMK_TIMEOUT_S + 60)
+        seconds = time.perf_counter() - t0
+        print(f"\nthe tiny DAG through SLURM took {seconds:.1f} s", file=sys.stderr)
+        yield proj, seconds, proc.stdout + proc.stderr
+    finally:
+        _cancel_jobs_in(proj)  # only matters when the run failed or timed out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
+def test_every_stage_ran_as_a_slurm_job(slurm_run: tuple[Path, float, str]) -> None:
+    proj, _seconds, log = slurm_run
+    rules, _metrics = dag_rules_and_metrics(proj)
+    assert "shard" in rules
+    jobs = _squeue_jobs()
+    for rule in rules:
+        # The executor names each sbatch log after the SLURM job id.
+        logs = sorted((proj / ".snakemake" / "slurm_logs" / f"rule_{rule}").glob("*.log"))
+        assert logs, f"no SLURM log for rule {rule}:\n{log[-3000:]}"
+        job_id = logs[-1].stem
+        assert f"has been submitted with SLURM jobid {job_id}" in log
+        # slurmctld itself saw the job: ours (comment = rule, workdir = this copy) and done.
+        assert jobs.get(job_id) == {"state": "COMPLETED", "comment": f"rule_{rule}", "workdir": str(proj)}
+        # ... and the job really ran the rule (the jobstep's Snakemake prints it).
+        text = logs[-1].read_text()
+        assert f"rule {rule}:" in text and "1 of 1 steps (100%) done" in text, text[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
+def test_slurm_outputs_equal_the_local_run(slurm_run: tuple[Path, float, str], smk_project: Path) -> None:
+    proj, _seconds, _log = slurm_run
+    # Shards are byte-reproducible.
+    assert sha_tree(proj / "data" / "shards") == sha_tree(smk_project / "data" / "shards")
+    # Training/eval metrics agree exactly (the DAG runs in deterministic mode).
+    _rules, metrics = dag_rules_and_metrics(proj)
+    for rel in metrics:
+        assert (proj / rel).is_file(), f"{rel} missing in the SLURM run"
+        assert json.loads((proj / rel).read_text()) == json.loads((smk_project / rel).read_text()), rel
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
+def test_second_slurm_run_submits_nothing(slurm_run: tuple[Path, float, str]) -> None:
+    proj, _seconds, _log = slurm_run
+    cmd = ["timeout", "-k", "10", "300", "snakemake", "--workflow-profile", "workflow/profiles/slurm"]
+    proc = run(cmd, proj, timeout=360)
+    out = proc.stdout + proc.stderr
+    assert "Nothing to be done" in out and "submitted with SLURM jobid" not in out, out[-3000:]
+
+
+# --- arsr.stages.launch inside SLURM (no cluster needed: the environment decides) ---------------
+
+STEP_ENV = {  # what `srun -n1` gives a rule under Snakemake's jobstep executor
+    "SLURM_JOB_ID": "123",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_JOB_NODELIST": "localhost",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_STEP_NODELIST": "localhost",
+}
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}="))
+
+
+def test_launch_in_a_job_step_runs_torchrun_with_a_job_keyed_rendezvous() -> None:
+    cmd = build_command("train_srvar", 2, STEP_ENV, ["--params", "p.yaml"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert _flag(cmd, "nnodes") == "1" and _flag(cmd, "nproc-per-node") == "2"
+    assert _flag(cmd, "rdzv-endpoint") == f"localhost:{rendezvous_port('123')}"
+    assert _flag(cmd, "rdzv-id") == "123"
+    assert cmd[-4:] == ["-m", "arsr.stages.train_srvar", "--params", "p.yaml"]
+    # Two jobs sharing a node never share a rendezvous port.
+    other = build_command("train_srvar", 2, {**STEP_ENV, "SLURM_JOB_ID": "124"}, [])
+    assert _flag(other, "rdzv-endpoint") != _flag(cmd, "rdzv-endpoint")
+
+
+def test_launch_trains_on_the_steps_nodes_not_the_jobs() -> None:
+    # Snakemake's `srun -n1` puts a 2-node job's rule on one node: torchrun must not wait for a
+    # second node that never joins.
+    env = {
+        **STEP_ENV,
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_STEP_NODELIST": "n2",
+    }
+    cmd = build_command("train_mar", 1, env, [])
+    assert _flag(cmd, "nnodes") == "1"
+    assert _flag(cmd, "rdzv-endpoint").startswith("n2:")
+
+
+def test_launch_from_a_multi_node_batch_script_reenters_once_per_node() -> None:
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NUM_NODES": "3",
+        "SLURM_JOB_NODELIST": "n[1-3]",
+        "SLURM_CPUS_PER_TASK": "8",
+    }
+    cmd = build_command("train_vqvae", 4, env, ["--foo"])
+    assert cmd[0] == "srun"
+    assert {"--nodes=3", "--ntasks-per-node=1", "--cpus-per-task=8", "--kill-on-bad-exit=1"} <= set(cmd)
+    assert cmd[-4:] == ["-m", "arsr.stages.launch", "train_vqvae", "--foo"]
+
+
+def test_launch_outside_slurm() -> None:
+    assert build_command("train_mar", 1, {}, []) == [sys.executable, "-m", "arsr.stages.train_mar"]
+    cmd = build_command("train_mar", 2, {}, [])
+    assert "--standalone" in cmd and "--nproc-per-node=2" in cmd
