@@ -2,6 +2,15 @@
 #   snakemake --cores 2                                      # local
 #   snakemake --workflow-profile workflow/profiles/slurm     # SLURM cluster
 # After a Snakemake build, `dvc commit -f` records the outputs so `dvc status` is clean.
+import os
+import signal
+
+# `sbatch --signal=USR1@120` reaches this Snakemake (inside the job step) too; the training
+# stage checkpoints on USR1, so Snakemake must not die first and mark the job failed.
+if os.environ.get("SLURM_JOB_ID"):
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 include: "workflow/rules/dvc_stages.smk"
 
 
