@@ -116,32 +116,3 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"at step {stopped}" in p.stdout
     assert load_model_file(tmp_path / "out" / "accum1" / "model.pt", "tinynet")["step"] == 16
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="arsr.data.loader's DataLoader workers die on the SIGTERM that torchrun/SLURM send to the "
-    "whole process group, and PyTorch then raises in the trainer before it can checkpoint; the "
-    "loader needs a worker_init_fn that ignores SIGTERM and SIGUSR1",
-)
-def test_sigterm_with_loader_workers_checkpoints(tmp_path: Path) -> None:
-    marker = tmp_path / "step"
-    w.write_shards(tmp_path / "shards")  # 4 shards: 2 ranks x 2 workers
-    cmd = w.torchrun_cmd(2) + ["--out", str(tmp_path / "out"), "--steps", "200", "--batch", "4",
-                               "--shards", str(tmp_path / "shards"), "--workers", "2"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd + ["--sleep", "0.05", "--marker", str(marker)],
-        cwd=w.ROOT,
-        env=w.launch_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not (marker.exists() and int(marker.read_text() or 0) >= 3) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert "on signal SIGTERM: checkpoint saved" in out, err[-2000:]
-    assert safe_load(tmp_path / "out" / "accum1" / "ckpt" / "last.pt")["step"] >= 3
