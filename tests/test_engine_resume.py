@@ -124,12 +124,6 @@ def test_offline_wandb_files_hold_the_logged_keys(loader_runs: dict) -> None:
 # --------------------------------------------------------------------------------------
 # SIGTERM to the whole process group, with loader workers (torchrun, 2 ranks x 2 workers)
 # --------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="arsr.data.loader's DataLoader workers die on the SIGTERM that torchrun/SLURM send to the "
-    "whole process group, and PyTorch then raises in the trainer before it can checkpoint; the "
-    "loader needs a worker_init_fn that ignores SIGTERM and SIGUSR1",
-)
 def test_sigterm_with_loader_workers_checkpoints(tmp_path: Path) -> None:
     marker = tmp_path / "step"
     w.write_shards(tmp_path / "shards")  # 4 shards: 2 ranks x 2 workers

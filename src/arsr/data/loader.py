@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import signal
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
@@ -160,6 +161,13 @@ class _TrainStream(IterableDataset):
             yield default_collate(batch)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: torchrun and SLURM signal the whole process group, and
+    the trainer must get to write its checkpoint before the workers go (it stops them itself)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _check_shards(urls: list[str], world_size: int, workers: int) -> None:
     need = world_size * max(1, workers)
     if len(urls) < need:
@@ -192,6 +200,7 @@ def train_loader(
         num_workers=workers,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_ignore_stop_signals,
     )
     return loader if num_steps is None else itertools.islice(loader, num_steps)
 
@@ -218,7 +227,7 @@ def eval_loader(
 ) -> Iterable[Sample]:
     """Ordered batches; every sample exactly once over all ranks and workers."""
     stream = _EvalStream(sorted(urls), decode, batch_size, rank, world_size)
-    return DataLoader(stream, batch_size=None, num_workers=workers)
+    return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_ignore_stop_signals)
 
 
 def load_shard_stats(shard_dir: str | Path) -> dict:
