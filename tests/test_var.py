@@ -199,6 +199,17 @@ def test_cfg_mixes_from_the_second_scale() -> None:
     assert torch.allclose(cfg_mix(torch.cat((c, u)), 0.5), 1.5 * c - 0.5 * u)
 
 
+def test_guidance_before_the_head_equals_mixing_logits() -> None:
+    vae, model = tiny_vae(), tiny_var()
+    gt, _ = gt_tokens(vae, B=2)
+    cond_BD = model.class_emb(torch.tensor([1, 2, 10, 10]))  # conditional half, then the null class
+    raw, guided = [], []
+    for seen, cfg in ((raw, None), (guided, 2.0)):
+        model.decode(cond_BD, cond_BD, vae, 2, lambda si, lg, seen=seen: seen.append(lg) or gt[si], cfg=cfg)
+    for si, (r, g) in enumerate(zip(raw, guided)):
+        assert g.shape[0] == 2 and (g - cfg_mix(r, 2.0 * si / 3)).abs().max() < 1e-5
+
+
 # ---- loss, optimizer rule, checkpoints -------------------------------------------------------------
 def test_ar_loss_metrics() -> None:
     gt = torch.randint(0, 8, (2, 30))

@@ -217,8 +217,11 @@ class SRVAR(NextScaleAR):
         if cfg != 0:
             lrf_BlCv = torch.cat((lrf_BlCv, self.cfg_uncond.expand(B, -1, -1)))
         cond_BD, kv_BLC = self.condition(lrf_BlCv)
-        pick = pick or self.guided_sampler(B, cfg, top_k, top_p, generator)
-        f_hat, idx_Bl_list, h_BlC = self.decode(cond_BD, cond_BD, vae, B, pick, kv_BLC, use_cache)
+        if pick is None:
+            pick, guide = self.sampler(top_k, top_p, generator), cfg
+        else:
+            guide = None
+        f_hat, idx_Bl_list, h_BlC = self.decode(cond_BD, cond_BD, vae, B, pick, kv_BLC, use_cache, guide)
         if self.has_refiner and refine:
             z_NC = self._refiner_cond(h_BlC[:B], idx_Bl_list[-1], vae).reshape(-1, self.C)
             r_NC = self.refiner.sample(z_NC, generator=generator).float() * self.refiner_scale

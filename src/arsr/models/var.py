@@ -36,7 +36,7 @@ NO_DECAY_KEYS = (
     "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
 )  # fmt: skip
 
-# pick(si, logits_nBlV) -> idx_Bl: chooses scale si's tokens from the raw logits (n = 2 with CFG).
+# pick(si, logits) -> idx_Bl [B,l]: chooses scale si's tokens (see NextScaleAR.decode for the logits).
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -61,9 +61,9 @@ def var_no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYS)
 
 
-def cfg_mix(logits_2BlV: torch.Tensor, t: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: (1+t) * cond - t * uncond (conditional half first)."""
-    cond, uncond = logits_2BlV.chunk(2)
+def cfg_mix(x_2BlC: torch.Tensor, t: float) -> torch.Tensor:
+    """Classifier-free guidance: (1+t) * cond - t * uncond (conditional half first) -> [B,l,C]."""
+    cond, uncond = x_2BlC.chunk(2)
     return torch.lerp(uncond, cond, 1 + t)  # = uncond + (1+t)(cond - uncond), one pass
 
 
@@ -234,10 +234,18 @@ class NextScaleAR(nn.Module):
             x_BLC = b(x_BLC, cond, plan) if kv_BLC is None else b(x_BLC, cond, plan, kv_BLC)
         return x_BLC
 
-    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        """Head in fp32 even under autocast -> logits [B,L,V]."""
+    def get_logits(
+        self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, cfg_t: float | None = None
+    ) -> torch.Tensor:
+        """Head in fp32 even under autocast -> logits [B,L,V].
+
+        With ``cfg_t`` the rows are [cond; uncond] and the result is the guided logits
+        (1+t) cond - t uncond [B/2,L,V]. The head is affine, so mixing its input instead of its
+        output gives the same logits for half the largest matmul of a decoding step.
+        """
         with torch.autocast(h_BLC.device.type, enabled=False):
-            return self.head(self.head_nm(h_BLC.float(), cond_BD.float()))
+            x_BLC = self.head_nm(h_BLC.float(), cond_BD.float())
+            return self.head(x_BLC if cfg_t is None else cfg_mix(x_BLC, cfg_t))
 
     def hidden_states(
         self,
@@ -261,18 +269,10 @@ class NextScaleAR(nn.Module):
             if isinstance(b, CrossAttnBlock):
                 b.ca.kv_caching(enable)
 
-    def guided_sampler(
-        self, B: int, cfg: float, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None
-    ) -> Picker:
-        """Default picker: CFG with t = cfg * si/(SN-1) (none at scale 0), then top-k/top-p sampling."""
-        SN = len(self.patch_nums)
-
-        def pick(si: int, logits_nBlV: torch.Tensor) -> torch.Tensor:
-            if logits_nBlV.shape[0] != B:
-                logits_nBlV = cfg_mix(logits_nBlV, cfg * si / max(SN - 1, 1))
-            return sample_top_k_top_p(logits_nBlV, top_k, top_p, generator)
-
-        return pick
+    @staticmethod
+    def sampler(top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None) -> Picker:
+        """The default picker: top-k / top-p sampling of the (guided) logits."""
+        return lambda si, logits_BlV: sample_top_k_top_p(logits_BlV, top_k, top_p, generator)
 
     @torch.no_grad()
     def decode(
@@ -284,13 +284,15 @@ class NextScaleAR(nn.Module):
         pick: Picker,
         kv_BLC: torch.Tensor | None = None,
         use_cache: bool = True,
+        cfg: float | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Generate scale by scale -> (f_hat_BChw, idx_Bl per scale, last scale's hidden states [nB,l,C]).
 
         sos_BD / cond_BD (and kv_BLC) hold nB = B rows, or 2B with the unconditional half second
-        (CFG). ``pick`` gets each scale's raw logits [nB,l,V] and returns its tokens [B,l]. With
-        ``use_cache`` each step feeds only the new scale (no mask needed); without it the whole
-        prefix is recomputed under the block-causal mask (slower, same numbers).
+        (CFG). ``pick(si, logits)`` returns scale si's tokens [B,l]; it gets the guided logits
+        [B,l,V] with t = cfg * si/(SN-1) (no guidance at scale 0) when ``cfg`` is given, else the
+        raw logits [nB,l,V]. With ``use_cache`` each step feeds only the new scale (no mask needed);
+        without it the whole prefix is recomputed under the block-causal mask (same numbers).
         """
         quant, SN, pn_last = vae.quantize, len(self.patch_nums), self.patch_nums[-1]
         nB, rep = sos_BD.shape[0], sos_BD.shape[0] // B
@@ -312,7 +314,8 @@ class NextScaleAR(nn.Module):
                     prefix.append(next_BlC)
                     plan = self.attn_plan(si + 1)
                     h_BlC = self._blocks(torch.cat(prefix, dim=1), cond, plan, kv_BLC)[:, bg:]
-                idx_Bl = pick(si, self.get_logits(h_BlC, cond_BD))
+                t = None if cfg is None or nB == B else cfg * si / max(SN - 1, 1)
+                idx_Bl = pick(si, self.get_logits(h_BlC, cond_BD, t))
                 idx_Bl_list.append(idx_Bl)
                 h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
                 f_hat, next_BChw = quant.get_next_autoregressive_input(si, SN, f_hat, h_BChw)
@@ -370,15 +373,18 @@ class VAR(NextScaleAR):
         """label_B [B] (negative = unconditional) -> (f_hat [B,Cv,h,w], idx_Bl per scale).
 
         cfg = 0 runs only the conditional batch (identical to guidance with t = 0, half the work).
-        ``pick`` replaces the sampler (it then sees the raw, unmixed logits).
+        ``pick`` replaces the sampler; it then gets the raw logits [nB,l,V] (n = 2 when cfg != 0).
         """
         B = label_B.shape[0]
         label_B = torch.where(label_B < 0, self.num_classes, label_B)
         if cfg != 0:
             label_B = torch.cat((label_B, torch.full_like(label_B, self.num_classes)))
         cond_BD = self.class_emb(label_B)
-        pick = pick or self.guided_sampler(B, cfg, top_k, top_p, generator)
-        f_hat, idx_Bl_list, _ = self.decode(cond_BD, cond_BD, vae, B, pick, use_cache=use_cache)
+        if pick is None:
+            pick, guide = self.sampler(top_k, top_p, generator), cfg
+        else:
+            guide = None
+        f_hat, idx_Bl_list, _ = self.decode(cond_BD, cond_BD, vae, B, pick, use_cache=use_cache, cfg=guide)
         return f_hat, idx_Bl_list
 
     @torch.no_grad()
