@@ -65,7 +65,7 @@ def modulate(x_normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
 # Attention in query groups: rows [a, b) attend to keys [0, b) under an additive mask [1,1,b-a,b]
 # (0 / -inf), or with no mask (None) when all those keys are visible. [(0, L, mask)] is plain masked
 # attention; VAR's block-causal mask lets the model skip the keys a group can never see.
-AttnPlan = list[tuple[int, int, "torch.Tensor | None"]]
+AttnPlan = list[tuple[int, int, torch.Tensor | None]]
 
 
 class SelfAttention(nn.Module):
@@ -118,20 +118,13 @@ class SelfAttention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)  # (under autocast the normalisation may run in fp32)
         if plan is None:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:
-            out = torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        q[:, :, a:b],
-                        k[:, :, :b],
-                        v[:, :, :b],
-                        scale=self.scale,
-                        attn_mask=None if m is None else m.to(q.dtype),  # SDPA wants the mask in q's dtype
-                    )  # fmt: skip
-                    for a, b, m in plan
-                ],
-                dim=2,
-            )
+        else:  # one SDPA per query group, over the keys it can see
+            outs = []
+            for a, b, mask in plan:
+                mask = None if mask is None else mask.to(q.dtype)  # SDPA wants the mask in q's dtype
+                qkv_b = q[:, :, a:b], k[:, :, :b], v[:, :, :b]
+                outs.append(F.scaled_dot_product_attention(*qkv_b, attn_mask=mask, scale=self.scale))
+            out = torch.cat(outs, dim=2)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
