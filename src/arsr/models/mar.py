@@ -125,8 +125,9 @@ def mask_schedule(seq_len: int, num_iter: int) -> list[int]:
 
 def tokens_per_step(seq_len: int, num_iter: int) -> list[int]:
     """How many tokens each sampling step reveals (256 tokens, 8 steps: 5, 15, 24, 31, 39, 45, 48, 49)."""
-    before = [seq_len, *mask_schedule(seq_len, num_iter)[:-1]]
-    after = [*mask_schedule(seq_len, num_iter)[:-1], 0]
+    after = mask_schedule(seq_len, num_iter)
+    after[-1] = 0  # the last step predicts every token still masked
+    before = [seq_len, *after[:-1]]
     return [b - a for b, a in zip(before, after)]
 
 
