@@ -108,6 +108,7 @@ class VQVAEConfig(Section):
     quant_resi: float = 0.5
     share_quant_resi: int = Field(4, ge=0)
     restart_dead_codes: bool = True
+    restart_every: int = Field(25, ge=1, description="steps between dead-code restarts")
     perceptual_weight: float = Field(0.0, ge=0, description="LPIPS; needs local weights")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
@@ -163,7 +164,9 @@ class MARConfig(Section):
     diffloss_width: int = Field(256, ge=8)
     diffloss_depth: int = Field(3, ge=1)
     diffusion_batch_mul: int = Field(4, ge=1)
-    num_sampling_steps: str = "50"
+    # IDDPM's plain "N" spacing keeps t=999 (alpha_bar ~ 2e-9 with the cosine cap), which
+    # amplifies a briefly trained head's error ~1000x; DDIM striding ends at t=960 and is stable.
+    num_sampling_steps: str = Field("ddim25", description="respaced diffusion steps at sampling")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(grad_clip=3.0, weight_decay=0.02, amp="bf16")
     )
