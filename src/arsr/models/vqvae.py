@@ -293,10 +293,9 @@ class VQVAE(nn.Module):
         return self.quantize.split_idx_BL(idx_BL)
 
 
-def build_vqvae(cfg: VQVAEConfig) -> VQVAE:
-    """The architecture ``params.yaml``'s ``vqvae`` section describes (``cfg.pretrained`` is the
-    stage's business: it calls :func:`load_official` instead)."""
-    return VQVAE(
+def vqvae_kwargs(cfg: VQVAEConfig) -> dict[str, Any]:
+    """``VQVAE(**kwargs)`` for the architecture ``params.yaml``'s ``vqvae`` section describes."""
+    return dict(
         vocab_size=cfg.vocab_size,
         z_channels=cfg.z_channels,
         ch=cfg.ch,
@@ -307,6 +306,12 @@ def build_vqvae(cfg: VQVAEConfig) -> VQVAE:
         share_quant_resi=cfg.share_quant_resi,
         patch_nums=tuple(cfg.patch_nums),
     )
+
+
+def build_vqvae(cfg: VQVAEConfig) -> VQVAE:
+    """The architecture ``params.yaml``'s ``vqvae`` section describes (``cfg.pretrained`` is the
+    stage's business: it calls ``load_official(path, **vqvae_kwargs(cfg))`` instead)."""
+    return VQVAE(**vqvae_kwargs(cfg))
 
 
 def _brief(keys: Sequence[str], n: int = 5) -> str:

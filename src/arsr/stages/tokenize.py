@@ -1,0 +1,268 @@
+"""Stage `tokenize`: encode every image shard once with the trained VQVAE (DESIGN §3).
+
+    python -m arsr.stages.tokenize [--params params.yaml] [--shards data/shards]
+                                   [--model runs/vqvae/model.pt] [--out data/tokens]
+
+Reads ``tokenize`` from params.yaml, the image shards and the VQVAE's EMA weights. For every
+``data/shards/{split}-NNNNNN.tar`` it writes ``data/tokens/{split}-NNNNNN.tar`` with the same
+keys, in the same order:
+
+- ``{key}.idx.npy``  int16 [L]          multi-scale token indices (scales concatenated);
+- ``{key}.f.npy``    float16 [Cv, h, w] pre-quantization latent of the HR crop;
+- ``{key}.lrf.npy``  float16 [Cv, h, w] latent of the LR crop upsampled to the HR size with
+  MATLAB bicubic, rounded to uint8 RGB (the ``rgb-uint8`` protocol's input);
+- ``{key}.cls``      the class index, copied.
+
+and ``latent_stats.json``: per-channel mean/std of ``f`` (as stored, float16) over the train split
+(what MAR normalizes its targets with), plus the tokenizer facts (vocab, patch_nums, L, Cvae, grid).
+
+``tokenize.workers`` processes each take whole shards; each encodes in batches of
+``tokenize.batch_size`` with one torch thread, so the bytes of every tar (mtime 0, fixed owner,
+renamed into place when complete) and of latent_stats.json do not depend on the worker count.
+Throughput goes to ``runs/tokenize/timing.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from arsr.config import Params
+from arsr.data.imresize import imresize
+from arsr.data.loader import count_samples, to_unit_range
+from arsr.data.shards import SPLITS, decode_png, iter_tar_samples, shard_urls
+from arsr.io import file_sha256, write_json
+from arsr.models.vqvae import VQVAE
+from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, stage_main
+from arsr.train.checkpoint import load_model_file
+
+INT16_MAX_VOCAB = 2**15  # idx is stored as int16
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """Deterministic .npy encoding (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_vqvae(path: str | Path) -> VQVAE:
+    """The frozen tokenizer (EMA weights) of a ``train_vqvae`` model.pt."""
+    d = load_model_file(path, kind="vqvae")
+    vae = VQVAE(**d["config"])
+    vae.load_state_dict(d["state_dict"])
+    return vae.freeze()
+
+
+def upsample_lr(lr_HWC: np.ndarray, size: int) -> np.ndarray:
+    """uint8 LR crop -> uint8 [size, size, 3] by MATLAB bicubic (what every SR model starts from)."""
+    return imresize(lr_HWC, output_shape=(size, size))
+
+
+@torch.no_grad()
+def encode_batch(vae: VQVAE, samples: list[dict]) -> tuple[list[dict], np.ndarray]:
+    """Raw image-shard samples -> (token-shard samples (bytes per member suffix), f as stored
+    float16 [B, Cv, h, w])."""
+    hr = np.stack([decode_png(s["hr.png"]) for s in samples])
+    size = hr.shape[1]
+    lr_up = np.stack([upsample_lr(decode_png(s["lr.png"]), size) for s in samples])
+    x_hr = torch.stack([to_unit_range(a) for a in hr])
+    x_lr = torch.stack([to_unit_range(a) for a in lr_up])
+    f_BChw = vae.img_to_f(x_hr)
+    idx_BL = torch.cat(vae.f_to_idxBl(f_BChw), dim=1).to(torch.int16).numpy()
+    f16 = f_BChw.to(torch.float16).numpy()
+    lrf16 = vae.img_to_f(x_lr).to(torch.float16).numpy()
+    out = [
+        {
+            "__key__": s["__key__"],
+            "idx.npy": npy_bytes(idx_BL[i]),
+            "f.npy": npy_bytes(f16[i]),
+            "lrf.npy": npy_bytes(lrf16[i]),
+            "cls": s["cls"],
+        }
+        for i, s in enumerate(samples)
+    ]
+    return out, f16
+
+
+# --------------------------------------------------------------------------------------
+# One shard (runs in a worker process)
+# --------------------------------------------------------------------------------------
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(model_path: str, batch_size: int, counter: Any) -> None:
+    torch.set_num_threads(1)  # one thread per process: bytes independent of the worker count
+    _worker.update(vae=load_vqvae(model_path), batch_size=batch_size, counter=counter)
+
+
+def _tick(n: int) -> None:
+    counter = _worker["counter"]
+    if counter is not None:
+        with counter.get_lock():
+            counter.value += n
+
+
+def _batches(samples: Any, n: int) -> Any:
+    batch: list[dict] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_shard(task: tuple[str, str]) -> dict[str, Any]:
+    """Encode ``src`` into ``dst`` (written as ``dst.tmp``, renamed when complete).
+
+    Returns the sample count and float64 per-channel sums of ``f`` and ``f^2`` (as stored)."""
+    src, dst = task
+    vae, batch_size = _worker["vae"], _worker["batch_size"]
+    tmp = dst + ".tmp"
+    n, s1, s2 = 0, np.zeros(vae.Cvae), np.zeros(vae.Cvae)
+    try:
+        with open(tmp, "wb") as fh:
+            writer = wds.TarWriter(fh, user="arsr", group="arsr", mode=0o444, mtime=0.0, encoder=False)
+            for batch in _batches(iter_tar_samples([src]), batch_size):
+                encoded, f16_BChw = encode_batch(vae, batch)
+                for sample in encoded:
+                    writer.write(sample)
+                f = f16_BChw.astype(np.float64)
+                s1 += f.sum(axis=(0, 2, 3))
+                s2 += np.square(f).sum(axis=(0, 2, 3))
+                n += len(batch)
+                _tick(len(batch))
+            writer.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return {"samples": n, "sum": s1, "sumsq": s2, "positions": n * vae.patch_nums[-1] ** 2}
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+def _run_tasks(tasks: list[tuple[str, str]], model: Path, batch_size: int, workers: int, total: int) -> list:
+    """Encode every shard with ``workers`` processes (in this process when 1), showing progress."""
+    bar = tqdm(total=total, desc="tokenize", unit="img", disable=None)
+    if workers == 1:
+        threads = torch.get_num_threads()
+        _init_worker(str(model), batch_size, None)
+        try:
+            results = []
+            for task in tasks:
+                results.append(encode_shard(task))
+                bar.update(results[-1]["samples"])
+        finally:
+            torch.set_num_threads(threads)
+            bar.close()
+        return results
+    ctx = get_context("spawn")
+    counter = ctx.Value("q", 0)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(model), batch_size, counter)) as pool:
+        pending = pool.map_async(encode_shard, tasks, chunksize=1)
+        while not pending.ready():
+            pending.wait(0.5)
+            bar.update(counter.value - bar.n)
+        results = pending.get()  # re-raises a worker's exception
+    bar.update(total - bar.n)
+    bar.close()
+    return results
+
+
+def latent_stats(results: list[dict], vae_config: dict, model_sha: str) -> dict[str, Any]:
+    """Per-channel mean/std of the stored train latents, plus the tokenizer facts."""
+    n = sum(r["positions"] for r in results)
+    s1 = sum(r["sum"] for r in results)
+    s2 = sum(r["sumsq"] for r in results)
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+    pn = vae_config["patch_nums"]
+    return {
+        "split": "train",
+        "samples": sum(r["samples"] for r in results),
+        "positions": n,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "vocab_size": vae_config["vocab_size"],
+        "Cvae": vae_config["z_channels"],
+        "patch_nums": list(pn),
+        "L": int(sum(p * p for p in pn)),
+        "grid": int(pn[-1]),
+        "vqvae_sha256": model_sha,
+    }
+
+
+def run_tokenize(
+    params: Params,
+    shards: str | Path = SHARDS_DIR,
+    model: str | Path = RUNS_DIR / "vqvae" / "model.pt",
+    out: str | Path = TOKENS_DIR,
+    runs: str | Path = RUNS_DIR,
+) -> dict[str, Any]:
+    """Write the token shards and latent_stats.json; returns the stats."""
+    cfg, shards, model, out = params.tokenize, Path(shards), Path(model), Path(out)
+    t0 = time.perf_counter()
+    if not model.is_file():
+        raise FileNotFoundError(f"{model} not found (run train_vqvae first)")
+    vae_config = load_model_file(model, kind="vqvae")["config"]
+    if vae_config["vocab_size"] > INT16_MAX_VOCAB:
+        raise StageError(f"vocab_size {vae_config['vocab_size']} does not fit the int16 token files")
+    urls = {split: shard_urls(shards, split) for split in SPLITS}
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [(u, str(out / Path(u).name)) for split in SPLITS for u in urls[split]]
+    total = sum(count_samples(u) for u, _ in tasks)
+    workers = max(1, min(cfg.workers, len(tasks)))
+    results = _run_tasks(tasks, model, cfg.batch_size, workers, total)
+
+    keep = {Path(dst).name for _, dst in tasks}
+    for stale in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        if stale.name not in keep:
+            stale.unlink()
+    train_results = [r for (src, _), r in zip(tasks, results) if src in urls["train"]]
+    stats = latent_stats(train_results, vae_config, file_sha256(model))
+    write_json(out / "latent_stats.json", stats)
+
+    elapsed = time.perf_counter() - t0
+    n = sum(r["samples"] for r in results)
+    timing = {
+        "seconds": round(elapsed, 3),
+        "images": n,
+        "images_per_s": round(n / elapsed, 2),
+        "workers": workers,
+    }
+    write_json(Path(runs) / "tokenize" / "timing.json", timing)
+    print(f"tokenize: {n} samples in {elapsed:.1f} s ({n / elapsed:.1f} img/s, {workers} workers) -> {out}")
+    return stats
+
+
+def _add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shards", default=str(SHARDS_DIR), help="image shards (default: data/shards)")
+    ap.add_argument("--model", default=str(RUNS_DIR / "vqvae" / "model.pt"), help="the VQVAE model.pt")
+    ap.add_argument("--out", default=str(TOKENS_DIR), help="output folder (default: data/tokens)")
+    ap.add_argument("--runs", default=str(RUNS_DIR), help="where timing.json goes (default: runs)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        "tokenize", __doc__, lambda a, p: run_tokenize(p, a.shards, a.model, a.out, a.runs), argv, _add_args
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

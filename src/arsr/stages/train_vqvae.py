@@ -1,0 +1,297 @@
+"""Stage `train_vqvae`: train the multi-scale VQVAE tokenizer (or adopt official weights).
+
+    python -m arsr.stages.launch train_vqvae      # torchrun when vqvae.train.nproc > 1
+    python -m arsr.stages.train_vqvae [--params params.yaml] [--shards data/shards] [--out runs/vqvae]
+
+Reads ``seed`` and ``vqvae`` from params.yaml and the HR crops of ``data/shards``. Loss per
+batch: ``L1(rec, x) + L2(rec, x) + vq_loss`` (VAR's VQ loss, beta ``vqvae.beta``, with the
+straight-through estimator; see ``arsr.models.quant``). With ``vqvae.restart_dead_codes`` every
+``vqvae.restart_every`` steps the codes whose EMA hit count fell below ``RESTART_THRESHOLD`` of the mean
+are re-seeded from this batch's encoder residuals (on every rank, from a generator seeded by the
+step, so runs and resumed runs stay identical).
+
+Logged (W&B, ``runs/vqvae/plots``, the console): ``rec_l1``, ``rec_l2``, ``vq_loss``, ``code_usage``
+(the fraction of the V codes that the last scale uses) and ``code_usage_s{si}`` per scale, on
+training batches and, at validation, over the whole val split (EMA weights, fp32); val also gives
+``rec_psnr`` (dB, Y channel of the uint8 reconstruction, no border shaved, averaged per image).
+W&B gets val inputs beside their reconstructions.
+
+Writes ``runs/vqvae/{model.pt,ckpt/,metrics.json,plots/,timing.json}`` through the training engine
+(``model.pt``: kind "vqvae", config = ``VQVAE.model_config()``, EMA weights).
+
+``vqvae.pretrained: PATH`` adopts official VAR weights instead of training (the ``vqvae`` architecture
+keys must describe them, e.g. ch 160, ch_mult [1, 1, 2, 2, 4], vocab_size 4096, z_channels 32):
+``model.pt`` is written from them and ``metrics.json`` holds their val numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from arsr.config import Params, VQVAEConfig, section_dict
+from arsr.data.loader import eval_loader, to_unit_range, train_loader
+from arsr.data.shards import decode_png, shard_urls
+from arsr.eval.metrics import psnr, y_uint8
+from arsr.io import atomic_write_text
+from arsr.models.vqvae import VQVAE, build_vqvae, load_official, vqvae_kwargs
+from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, stage_main
+from arsr.train.checkpoint import save_model_file
+from arsr.train.dist import DistInfo, cleanup, init_distributed, print0, unwrap
+from arsr.train.engine import Trainer, micro_batch_size
+from arsr.train.logging import PlotWriter, WandbRun, init_wandb, merge_sums
+
+RESTART_THRESHOLD = 0.03  # dead: EMA hits < 3% of the mean code's (see MultiScaleQuantizer)
+NUM_VAL_IMAGES = 8  # val inputs shown beside their reconstructions in W&B
+VAL_BATCH = 50
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+def decode_hr(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Image shards -> {"hr": [3, H, W] in [-1, 1]} (the VQVAE never looks at the LR crop)."""
+    return {"hr": to_unit_range(decode_png(sample["hr.png"]))}
+
+
+def to_uint8(x_B3HW: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images -> uint8 [B, H, W, 3] (rounded; exact for images decoded from PNG)."""
+    return ((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# --------------------------------------------------------------------------------------
+# Losses and metrics
+# --------------------------------------------------------------------------------------
+def usage_metrics(usage_S: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``code_usage`` (last scale) and ``code_usage_s{si}`` from a [SN] usage vector."""
+    out = {f"code_usage_s{si}": u for si, u in enumerate(usage_S.detach())}
+    out["code_usage"] = usage_S[-1].detach()
+    return out
+
+
+def vqvae_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """``L1 + L2 + vq_loss`` on one micro-batch (model may be DDP-wrapped; runs under autocast)."""
+    x = batch["hr"]
+    rec, vq_loss, usage_S = model(x)
+    rec = rec.float()
+    l1 = (rec - x).abs().mean()
+    l2 = F.mse_loss(rec, x)
+    metrics = {"rec_l1": l1.detach(), "rec_l2": l2.detach(), "vq_loss": vq_loss.detach()}
+    return l1 + l2 + vq_loss, metrics | usage_metrics(usage_S)
+
+
+class Validator:
+    """Val metrics of the (EMA) model on the full val split, in fp32 with autocast off: what
+    ``tokenize`` and ``evaluate`` will see.
+
+    The engine sums ``(value, count)`` pairs over batches and ranks. Code usage over the *whole*
+    split is not such a sum, so the hits are accumulated here (reset when the engine asks for a
+    new val iterator) and each batch reports the codes it hit *first*, with count 1 on the
+    split's first batch and 0 afterwards: the engine's sum / count is then exactly the fraction
+    of codes hit over the split (under DDP: the mean over ranks of each rank's share).
+    """
+
+    def __init__(self, urls: list[str], batch_size: int = VAL_BATCH, rank: int = 0, world_size: int = 1):
+        self.urls, self.batch_size, self.rank, self.world_size = urls, batch_size, rank, world_size
+        self.hits_SV: torch.Tensor | None = None
+
+    def make_iter(self) -> Any:
+        self.hits_SV = None
+        return eval_loader(
+            self.urls, decode=decode_hr, batch_size=self.batch_size, rank=self.rank,
+            world_size=self.world_size,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        vae: VQVAE = unwrap(model)
+        x = batch["hr"]
+        B = x.shape[0]
+        f = vae.img_to_f(x)
+        vq_loss = vae.quantize(f)[1]  # eval mode: no usage-buffer update
+        rec = vae.fhat_to_img(vae.f_to_fhat(f))  # exactly what decoding the stored tokens gives
+        first = self.hits_SV is None
+        if first:
+            self.hits_SV = torch.zeros(vae.SN, vae.V, dtype=torch.bool, device=x.device)
+        new_S = torch.zeros(vae.SN)
+        for si, idx_Bl in enumerate(vae.f_to_idxBl(f)):
+            hit_V = torch.zeros(vae.V, dtype=torch.bool, device=x.device)
+            hit_V[idx_Bl.flatten()] = True
+            new_S[si] = (hit_V & ~self.hits_SV[si]).sum().item() / vae.V
+            self.hits_SV[si] |= hit_V
+        y_rec, y_hr = to_uint8(rec), to_uint8(x)
+        psnr_sum = sum(psnr(y_uint8(a), y_uint8(b)) for a, b in zip(y_rec, y_hr))
+        out = {
+            "rec_l1": ((rec - x).abs().mean().item() * B, B),
+            "rec_l2": (F.mse_loss(rec, x).item() * B, B),
+            "rec_psnr": (psnr_sum, B),
+            "vq_loss": (vq_loss.item() * B, B),
+        }
+        n = 1 if first else 0
+        out.update({f"code_usage_s{si}": (float(u), n) for si, u in enumerate(new_S)})
+        out["code_usage"] = (float(new_S[-1]), n)
+        return out
+
+
+def validate(vae: VQVAE, urls: list[str]) -> dict[str, float]:
+    """One val pass in this process, outside the engine (adopted weights); the engine's metrics."""
+    validator = Validator(urls)
+    sums: dict[str, list[float]] = {}
+    for batch in validator.make_iter():
+        for k, (s, n) in validator(vae, batch).items():
+            acc = sums.setdefault(k, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += n
+    return merge_sums([sums])
+
+
+def recon_grid(vae: VQVAE, x_B3HW: torch.Tensor) -> np.ndarray:
+    """uint8 image, one row per input: [input | reconstruction]."""
+    with torch.no_grad():
+        rec = vae.idxBl_to_img(vae.img_to_idxBl(x_B3HW))
+    rows = [np.concatenate([a, b], axis=1) for a, b in zip(to_uint8(x_B3HW), to_uint8(rec))]
+    return np.concatenate(rows, axis=0)
+
+
+def first_val_images(urls: list[str], n: int) -> torch.Tensor:
+    batch = next(iter(eval_loader(urls, decode=decode_hr, batch_size=n)))
+    return batch["hr"]
+
+
+# --------------------------------------------------------------------------------------
+# The two modes
+# --------------------------------------------------------------------------------------
+def check_config(cfg: VQVAEConfig) -> None:
+    if cfg.perceptual_weight > 0:
+        raise StageError(
+            f"vqvae.perceptual_weight: {cfg.perceptual_weight} needs LPIPS network weights, which arsr "
+            "does not ship and never downloads; set it to 0 (L1 + L2 + VQ losses only)"
+        )
+
+
+def adopt_pretrained(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str, float]:
+    """Write ``model.pt`` from official weights and score them on the val split."""
+    path = Path(cfg.pretrained)
+    try:
+        vae = load_official(path, **vqvae_kwargs(cfg))
+    except ValueError as err:
+        raise StageError(
+            f"vqvae.pretrained: {err}. The vqvae architecture keys must describe the file (VAR's "
+            "vae_ch160v4096z32.pth: ch 160, ch_mult [1, 1, 2, 2, 4], vocab_size 4096, z_channels 32)"
+        ) from None
+    fp = fingerprint("train_vqvae", params, "vqvae", [shards, path])
+    if not init_distributed().is_main:  # started under torchrun: rank 0 does it all
+        return {}
+    print(f"train_vqvae: adopting official weights {path} (no training)", file=sys.stderr)
+    val_urls = shard_urls(shards, "val")
+    val = validate(vae, val_urls)
+    save_model_file(
+        out / "model.pt", kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict(),
+        extra={"pretrained": str(path)}, step=0, fingerprint=fp,
+    )  # fmt: skip
+    metrics = {"step": 0, "pretrained": str(path), "train": {}, "val": val}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # The DAG declares ckpt/ and plots/ for this stage: present (and plots filled) in both modes.
+    (out / "ckpt").mkdir(parents=True, exist_ok=True)
+    PlotWriter(out / "plots").truncate_after(-1)
+    PlotWriter(out / "plots").append(0, {f"val/{k}": v for k, v in val.items()})
+    run = init_wandb("train_vqvae", section_dict(cfg), out_dir=out.parent)
+    run.summary_update({f"final/{k}": v for k, v in val.items()} | {"pretrained": str(path)})
+    run.log_images("val/reconstructions", [recon_grid(vae, first_val_images(val_urls, NUM_VAL_IMAGES))])
+    run.finish()
+    return val
+
+
+def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str, float]:
+    tcfg = cfg.train
+    dist = init_distributed()
+    torch.manual_seed(params.seed)  # identical initial weights on every rank
+    vae = build_vqvae(cfg)
+    train_urls, val_urls = shard_urls(shards, "train"), shard_urls(shards, "val")
+    mb = micro_batch_size(tcfg, dist.world_size)
+
+    last_batch: dict[str, torch.Tensor] = {}
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        last_batch["hr"] = batch["hr"]  # dead codes restart from the step's last micro-batch
+        return vqvae_loss(model, batch)
+
+    def on_step(step: int, model: torch.nn.Module) -> dict[str, float] | None:
+        if not cfg.restart_dead_codes or step % cfg.restart_every:
+            return None
+        gen = torch.Generator(device=last_batch["hr"].device).manual_seed(params.seed * 1_000_003 + step)
+        restarted = unwrap(model).restart_dead_codes(last_batch["hr"], gen, RESTART_THRESHOLD)
+        return {"restarted_codes": float(restarted.numel())}
+
+    samples = first_val_images(val_urls, NUM_VAL_IMAGES) if dist.is_main else None
+
+    def on_val(step: int, ema_model: torch.nn.Module, run: WandbRun) -> None:
+        if run.enabled:
+            grid = recon_grid(unwrap(ema_model), samples.to(dist.device))
+            run.log_images("val/reconstructions", [grid], captions=["input | reconstruction"], step=step)
+
+    validator = Validator(val_urls, max(mb, VAL_BATCH), dist.rank, dist.world_size)
+    trainer = Trainer(
+        kind="vqvae",
+        model=vae,
+        model_config=vae.model_config(),
+        cfg=tcfg,
+        loss_fn=loss_fn,
+        make_train_iter=lambda k: _train_iter(train_urls, mb, params.seed, dist, tcfg.workers, k),
+        out_dir=out,
+        fingerprint=fingerprint("train_vqvae", params, "vqvae", [shards]),
+        seed=params.seed,
+        val_fn=validator,
+        make_val_iter=validator.make_iter,
+        on_step=on_step,
+        on_val=on_val,
+        stage="train_vqvae",
+        dist_info=dist,
+    )
+    result = trainer.fit()
+    cleanup()
+    return result.val
+
+
+def _train_iter(urls: list[str], mb: int, seed: int, dist: DistInfo, workers: int, k: int) -> Iterator:
+    return iter(
+        train_loader(
+            urls, decode=decode_hr, micro_batch=mb, seed=seed, rank=dist.rank,
+            world_size=dist.world_size, workers=workers, start_step=k,
+        )
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace, params: Params) -> dict[str, float]:
+    cfg = params.vqvae
+    check_config(cfg)
+    shards, out = Path(args.shards), Path(args.out)
+    if cfg.pretrained:
+        val = adopt_pretrained(cfg, params, shards, out)
+    else:
+        val = train(cfg, params, shards, out)
+    if val:
+        usage = "  ".join(f"{val[f'code_usage_s{si}']:.2f}" for si in range(len(cfg.patch_nums)))
+        print0(f"train_vqvae: val rec_psnr {val['rec_psnr']:.2f} dB, code usage per scale {usage} -> {out}")
+    return val
+
+
+def _add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shards", default=str(SHARDS_DIR), help="image shards (default: data/shards)")
+    ap.add_argument("--out", default=str(RUNS_DIR / "vqvae"), help="run folder (default: runs/vqvae)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("train_vqvae", __doc__, run, argv, _add_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
