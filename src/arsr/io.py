@@ -1,7 +1,8 @@
 """Atomic file writes and content hashes, used by every layer that writes outputs.
 
 A stage killed at any moment leaves the old file or the new one, never half of one
-(DESIGN §1): write to a temporary name beside the target, fsync, then ``os.replace``.
+(DESIGN §1): write to a temporary name beside the target, fsync, ``os.replace``, then
+fsync the folder so the rename itself survives a crash.
 """
 
 from __future__ import annotations
@@ -9,25 +10,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (parent folders are created)."""
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(file)`` on a temp file beside ``path`` (parents created), fsync, replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): honours the umask
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # plain open(): honours the umask
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -44,15 +57,4 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
-
-
-def tree_sha256(paths: Iterable[str | Path]) -> str:
-    """One hash over files and folders (recursively, by relative name and content)."""
-    h = hashlib.sha256()
-    for root in sorted(Path(p) for p in paths):
-        files = sorted(q for q in root.rglob("*") if q.is_file()) if root.is_dir() else [root]
-        for f in files:
-            h.update(str(f.relative_to(root.parent)).encode())
-            h.update(file_sha256(f).encode())
     return h.hexdigest()

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from arsr.io import atomic_write
+
 MODEL_FORMAT = "arsr-model-v1"
 CKPT_FORMAT = "arsr-ckpt-v1"
 
@@ -37,39 +39,9 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------------------
 # Atomic writes and safe loads
 # --------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, write: Any) -> None:
-    """Write via ``write(file)`` into a temp file beside ``path``, fsync, then ``os.replace``.
-
-    A process killed at any moment leaves the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    """``torch.save`` that leaves the old file or the new one, never half of one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path: str | Path, allow: Iterable[type] = ()) -> Any:

@@ -44,10 +44,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arsr.config import TrainConfig
+from arsr.io import atomic_write_text
 from arsr.train.checkpoint import (
     CKPT_FORMAT,
     atomic_save,
-    atomic_write_text,
     fingerprint_id,
     load_for_resume,
     safe_load,
