@@ -1,0 +1,291 @@
+"""Stage `train_mar` and MAR's Upscaler on tiny token shards.
+
+A module fixture cuts tiny image shards (built-in photos, 32 px), tokenizes them with an untrained
+tiny VQVAE (the stage only needs *a* tokenizer; its quality is the train_vqvae tests' business) and
+trains a tiny MAR-SR for a few steps through the launcher: torchrun, 2 DDP ranks on CPU, bf16, W&B
+offline. The tests check the outputs, recompute the val loss and the inference path independently,
+and run `arsr upscale` on the resulting model.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from arsr.cli import main as arsr_main
+from arsr.config import EvalConfig, load_params
+from arsr.data.loader import decode_pair, decode_tokens, eval_loader
+from arsr.data.shards import shard_urls
+from arsr.models.mar import MAR, mar_sr_kwargs
+from arsr.models.vqvae import build_vqvae
+from arsr.stages import tokenize, train_mar
+from arsr.stages.shard import run_shard
+from arsr.stages.upscale import load_vqvae
+from arsr.train.checkpoint import load_model_file, save_model_file
+from arsr.train.dist import DistInfo
+
+STEPS = 4
+TINY = {
+    "seed": 0,
+    "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 6,
+             "min_shards": 2, "workers": 1},
+    "vqvae": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
+              "patch_nums": [1, 2, 3, 4]},
+    "tokenize": {"batch_size": 8, "workers": 1},
+    "mar": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "heads": 2, "buffer_size": 4,
+            "diffloss_width": 32, "diffloss_depth": 1, "num_sampling_steps": "ddim4",
+            "train": {"nproc": 2, "workers": 0, "max_steps": STEPS, "batch_size": 8, "base_lr": 0.01,
+                      "val_every": 2, "log_every": 2, "ckpt_every": 100}},
+    "eval": {"mar_num_iter": 2},
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy 2-core machine: a second intra-op thread only adds spin-waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_params(folder: Path, **over) -> Path:
+    params = yaml.safe_load(yaml.safe_dump(TINY))
+    for dotted, value in over.items():
+        node = params
+        *path, last = dotted.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def make_tokens(root: Path, params_path: Path, seed: int = 0) -> None:
+    """shards/ -> runs/vqvae/model.pt (an untrained tokenizer) -> tokens/ with latent_stats.json."""
+    params = load_params(params_path)
+    torch.manual_seed(seed)
+    vae = build_vqvae(params.vqvae)
+    model = root / "runs/vqvae/model.pt"
+    save_model_file(model, kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict())
+    tokenize.run_tokenize(params, root / "shards", model, root / "tokens", root / "runs")
+
+
+def stage_args(root: Path, params: Path, out: Path | None = None) -> list[str]:
+    return [
+        "--params", str(params), "--tokens", str(root / "tokens"),
+        "--vqvae", str(root / "runs/vqvae/model.pt"), "--shards", str(root / "shards"),
+        "--out", str(out or root / "runs/mar"),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mar")
+    params = write_params(root)
+    run_shard(str(params), str(root / "shards"), str(root / "runs"))
+    make_tokens(root, params)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(WANDB_MODE="offline", WANDB_RUN_GROUP="stage-mar-test")
+    cmd = [sys.executable, "-m", "arsr.stages.launch", "train_mar", *stage_args(root, params)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "--nproc-per-node=2" in proc.stderr  # DDP through torchrun
+    return root
+
+
+def latent_stats(proj: Path) -> dict:
+    return json.loads((proj / "tokens/latent_stats.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------
+# train_mar
+# ------------------------------------------------------------------------------------------
+def test_model_file_is_self_contained(proj: Path):
+    d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
+    params, stats = load_params(proj / "params.yaml"), latent_stats(proj)
+    assert d["config"] == mar_sr_kwargs(params.mar, latent_channels=8, grid_size=4, num_classes=0)
+    assert d["step"] == STEPS and d["fingerprint"]["stage"] == "train_mar"
+    MAR(**d["config"]).load_state_dict(d["state_dict"])  # strict
+    extra = d["extra"]
+    assert (extra["hr_size"], extra["scale"]) == (32, 4)
+    assert extra["latent_stats"]["mean"] == pytest.approx(stats["mean"])
+    assert extra["latent_stats"]["std"] == pytest.approx(stats["std"])
+    vqvae = load_model_file(proj / "runs/vqvae/model.pt", kind="vqvae")
+    assert extra["vqvae"]["config"] == vqvae["config"]
+    for k, v in vqvae["state_dict"].items():
+        assert torch.equal(extra["vqvae"]["state_dict"][k], v), k
+
+
+def test_metrics_plots_and_timing(proj: Path):
+    metrics = json.loads((proj / "runs/mar/metrics.json").read_text())
+    assert metrics["step"] == STEPS
+    assert {"loss", "diff_loss", "tnm", "tlr"} <= set(metrics["train"])
+    assert metrics["train"]["loss"] == pytest.approx(metrics["train"]["diff_loss"], rel=1e-3)
+    assert set(metrics["val"]) == {"diff_loss"} and 0 < metrics["val"]["diff_loss"] < 10
+    plots = {p.stem for p in (proj / "runs/mar/plots").glob("*.tsv")}
+    assert {"loss", "diff_loss", "tnm", "tlr", "val_diff_loss"} <= plots
+    assert (proj / "runs/mar/ckpt/last.pt").is_file()
+    assert json.loads((proj / "runs/mar/timing.json").read_text())["world_size"] == 2
+
+
+def test_val_loss_is_the_ema_models_loss_over_the_val_split(proj: Path):
+    """Recompute metrics.json's val diff_loss from model.pt: each rank's share of the val split,
+    with the per-(rank, batch) generators, under bf16 autocast like the engine."""
+    d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
+    model = MAR(**d["config"])
+    model.load_state_dict(d["state_dict"])
+    model.eval()
+    norm = train_mar.LatentNorm(d["extra"]["latent_stats"]["mean"], d["extra"]["latent_stats"]["std"])
+    urls = shard_urls(proj / "tokens", "val")
+    total, count = 0.0, 0
+    for rank in range(2):
+        validator = train_mar.Validator(urls, norm, False, 0, DistInfo(rank, 2, rank, torch.device("cpu")))
+        for batch in validator.make_iter():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                s, n = validator(model, batch)["diff_loss"]
+            total, count = total + s, count + n
+    val = json.loads((proj / "runs/mar/metrics.json").read_text())["val"]
+    assert val["diff_loss"] == pytest.approx(total / count, rel=2e-2)
+
+
+def test_wandb_gets_losses_and_sample_grids(proj: Path):
+    from wandb_read import history_keys, offline_runs, read_run, run_info
+
+    runs = {run_info(read_run(r))["job_type"]: r for r in offline_runs(proj / "runs" / "wandb")}
+    assert "train_mar" in runs
+    keys = history_keys(read_run(runs["train_mar"]))
+    assert {"loss", "diff_loss", "tnm", "tlr", "val/diff_loss", "val/sample_psnr"} <= keys
+    assert "val/samples.filenames" in keys
+    images = list((runs["train_mar"] / "files/media/images").glob("val/samples_*.png"))
+    assert len(images) == STEPS // 2  # one grid per validation
+    grid = np.asarray(Image.open(images[0]))
+    assert grid.shape[:2] == (train_mar.NUM_PREVIEWS * 32, 3 * 32)  # rows of LR | MAR | HR
+
+
+def test_inputs_from_another_tokenizer_are_refused(proj: Path, tmp_path: Path, capsys):
+    params = write_params(tmp_path)
+    other = tmp_path / "other_vqvae.pt"
+    vae = build_vqvae(load_params(params).vqvae)
+    save_model_file(other, kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict())
+    args = stage_args(proj, params, tmp_path / "mar")
+    args[args.index("--vqvae") + 1] = str(other)
+    assert train_mar.main(args) == 2
+    assert "rerun the tokenize stage" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# The Upscaler
+# ------------------------------------------------------------------------------------------
+def val_pairs(proj: Path, n: int) -> tuple[dict, dict]:
+    images = next(iter(eval_loader(shard_urls(proj / "shards", "val"), decode=decode_pair, batch_size=n)))
+    tokens = next(iter(eval_loader(shard_urls(proj / "tokens", "val"), decode=decode_tokens, batch_size=n)))
+    assert images["key"] == tokens["key"]
+    return images, tokens
+
+
+def test_upscaler_conditions_on_lrf_as_tokenize_computed_it(proj: Path):
+    d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
+    up = train_mar.make_upscaler(d, EvalConfig(), "cpu")
+    images, tokens = val_pairs(proj, 4)
+    torch.testing.assert_close(
+        up.lr_latents(images["lr"]), up.norm.normalize(tokens["lrf"]), rtol=0, atol=2e-2 / min(up.norm.std_C)
+    )  # float16 storage of lrf
+
+
+def test_upscaler_samples_then_requantizes_and_decodes(proj: Path):
+    """The output is VQVAE.decode(f_to_fhat(denormalize(sample_tokens(lrf, eval settings, seed))))."""
+    d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
+    ecfg = EvalConfig(mar_num_iter=3, mar_cfg=1.5, mar_cfg_schedule="constant", mar_temperature=0.9)
+    up = train_mar.make_upscaler(d, ecfg, "cpu")
+    assert (up.hr_size, up.scale) == (32, 4)
+    images, _ = val_pairs(proj, 2)
+    out = up(images["lr"], seed=7)
+    assert out.shape == (2, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    torch.testing.assert_close(up(images["lr"], seed=7), out, rtol=0, atol=0)
+
+    model = MAR(**d["config"])
+    model.load_state_dict(d["state_dict"])
+    vae = load_vqvae(d["extra"]["vqvae"])
+    mean = torch.tensor(d["extra"]["latent_stats"]["mean"])[:, None, None]
+    std = torch.tensor(d["extra"]["latent_stats"]["std"])[:, None, None]
+    lrf = (up.vqvae.img_to_f(torch.stack([tokenize_input(x) for x in images["lr"]])) - mean) / std
+    x = model.eval().sample_tokens(
+        lrf, num_iter=3, cfg=1.5, cfg_schedule="constant", temperature=0.9,
+        generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    expected = vae.fhat_to_img(vae.f_to_fhat(x * std + mean))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert not torch.equal(up(images["lr"], seed=8), out)
+
+
+def tokenize_input(lr_3hw: torch.Tensor) -> torch.Tensor:
+    """The LR crop as tokenize feeds it to the encoder: uint8, MATLAB bicubic to 32 px, [-1, 1]."""
+    u8 = ((lr_3hw + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    up = tokenize.upsample_lr(u8, 32)
+    return torch.from_numpy(up).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def test_arsr_upscale_writes_images_scale_times_larger(proj: Path, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rng.integers(0, 256, (11, 13, 3), dtype=np.uint8)).save(tmp_path / "in/a.png")
+    Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "in/b.png")
+    argv = ["upscale", "--model", str(proj / "runs/mar/model.pt"), "--input", str(tmp_path / "in"),
+            "--output", str(tmp_path / "out"), "--params", str(proj / "params.yaml"),
+            "--device", "cpu"]  # fmt: skip
+    assert arsr_main(argv) == 0
+    assert Image.open(tmp_path / "out/a_x4.png").size == (13 * 4, 11 * 4)
+    assert Image.open(tmp_path / "out/b_x4.png").size == (5 * 4, 6 * 4)
+
+
+# ------------------------------------------------------------------------------------------
+# Class labels
+# ------------------------------------------------------------------------------------------
+def test_labelled_shards_train_a_class_conditional_model(tmp_path: Path, monkeypatch):
+    """data.labels: folder -> the class embedding is built and trained; upscale samples without it."""
+    rng = np.random.default_rng(1)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(3):
+            img = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "src" / cls / f"{i}.png")
+    params = write_params(
+        tmp_path,
+        **{"data.source": str(tmp_path / "src"), "data.labels": "folder",
+           "data.val_fraction": 0.34, "mar.train.nproc": 1, "mar.train.max_steps": 8},
+    )  # fmt: skip
+    run_shard(str(params), str(tmp_path / "shards"), str(tmp_path / "runs"))
+    make_tokens(tmp_path, params)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert train_mar.main(stage_args(tmp_path, params)) == 0
+    d = load_model_file(tmp_path / "runs/mar/model.pt", kind="mar")
+    assert d["config"]["num_classes"] == 2 and "class_emb.weight" in d["state_dict"]
+    torch.manual_seed(0)
+    w0 = MAR(**d["config"]).class_emb.weight.detach().flatten()  # the stage's initial weights (seed 0)
+    w = d["state_dict"]["class_emb.weight"].flatten()
+    # Weight decay alone would only shrink w0; the labels' gradients move it off that line.
+    off_line = w - (w @ w0) / (w0 @ w0) * w0
+    assert off_line.norm() > 1e-3 * w.norm()
+    images = next(iter(eval_loader(shard_urls(tmp_path / "shards", "val"), decode=decode_pair, batch_size=2)))
+    out = train_mar.make_upscaler(d, EvalConfig(mar_num_iter=2), "cpu")(images["lr"], seed=0)
+    assert out.shape == (images["lr"].shape[0], 3, 32, 32)
+
+
+def test_cli_knows_the_stage(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_info:
+        arsr_main(["train_mar", "--help"])
+    assert exit_info.value.code == 0
+    assert "arsr train_mar" in capsys.readouterr().out
