@@ -19,7 +19,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# The smallest DAG that still exercises every stage (CPU, a couple of minutes).
+# The smallest DAG that still exercises every stage (CPU, a couple of minutes). Training is
+# deterministic so the local and the SLURM runs can be compared number for number.
+_TINY_TRAIN = {
+    "max_steps": 8,
+    "batch_size": 8,
+    "val_every": 4,
+    "ckpt_every": 4,
+    "log_every": 2,
+    "warmup_steps": 1,
+    "deterministic": True,
+    "workers": 1,
+    "amp": "none",
+}
 TINY_PARAMS = {
     "seed": 0,
     "data": {
@@ -36,7 +48,22 @@ TINY_PARAMS = {
         "vocab_size": 64,
         "z_channels": 8,
         "patch_nums": [1, 2, 3, 4],
+        "train": {**_TINY_TRAIN, "max_steps": 12},
     },
+    "tokenize": {"batch_size": 32, "workers": 2},
+    "srvar": {"depth": 2, "width": 64, "heads": 2, "train": {**_TINY_TRAIN, "nproc": 2}},
+    "mar": {
+        "width": 64,
+        "encoder_depth": 1,
+        "decoder_depth": 1,
+        "heads": 2,
+        "buffer_size": 4,
+        "diffloss_width": 64,
+        "diffloss_depth": 2,
+        "num_sampling_steps": "ddim10",
+        "train": {**_TINY_TRAIN, "nproc": 2},
+    },
+    "eval": {"max_val_images": 6, "num_samples": 2, "mar_num_iter": 4},
 }
 
 

@@ -355,3 +355,10 @@ def test_shard_logs_counts_and_examples_to_offline_wandb(builtin_shards: Path) -
     logged = history_keys(records)
     assert {"train/samples", "val/samples", "train/shards", "skipped", "examples.filenames"} <= logged
     assert list((runs[0] / "files" / "media" / "images").glob("examples_*.png"))
+
+
+def test_partial_mar_train_section_keeps_mar_defaults() -> None:
+    params = parse_params({"mar": {"train": {"max_steps": 3}}})
+    assert params.mar.train.max_steps == 3
+    assert (params.mar.train.grad_clip, params.mar.train.weight_decay) == (3.0, 0.02)  # MAR's recipe, not generic
+    assert parse_params({}).srvar.train.grad_clip == 2.0  # VAR's

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -150,6 +150,9 @@ class SRVARConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+MAR_TRAIN_DEFAULTS = {"grad_clip": 3.0, "weight_decay": 0.02, "amp": "bf16"}
+
+
 class MARConfig(Section):
     width: int = Field(256, ge=8)
     encoder_depth: int = Field(4, ge=1)
@@ -167,9 +170,13 @@ class MARConfig(Section):
     # IDDPM's plain "N" spacing keeps t=999 (alpha_bar ~ 2e-9 with the cosine cap), which
     # amplifies a briefly trained head's error ~1000x; DDIM striding ends at t=960 and is stable.
     num_sampling_steps: str = Field("ddim25", description="respaced diffusion steps at sampling")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(grad_clip=3.0, weight_decay=0.02, amp="bf16")
-    )
+    # MAR's recipe differs from the generic defaults; a partial `mar.train` keeps these.
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**MAR_TRAIN_DEFAULTS))
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _mar_train_defaults(cls, v: Any) -> Any:
+        return {**MAR_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
 
 
 class EvalConfig(Section):
