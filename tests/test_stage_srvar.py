@@ -1,0 +1,234 @@
+"""Stage `train_srvar` and SRVAR's upscaler (`arsr upscale`, `evaluate`).
+
+1. The LR condition is used (issue 5): SRVAR trained by the engine with the stage's loss on 8
+   samples predicts scales 0 and 1, which only the condition determines, from the true LR and not
+   from another sample's LR.
+2. The stage end to end on tiny token shards (shard -> tiny VQVAE -> tokenize -> launch with 2 DDP
+   ranks, refiner on, W&B offline): model.pt, metrics.json, plots, W&B sample grids.
+3. `arsr upscale` with the resulting model.pt: sizes, the LR path matching tokenize's, refusals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from arsr.cli import main as arsr_main
+from arsr.config import EvalConfig, SRVARConfig, TrainConfig, load_params
+from arsr.data.loader import decode_tokens, eval_loader, to_unit_range
+from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
+from arsr.models.srvar import build_srvar
+from arsr.models.vqvae import VQVAE, build_vqvae
+from arsr.stages import tokenize
+from arsr.stages.shard import run_shard
+from arsr.stages.train_srvar import make_loss_fn, make_upscaler, make_val_fn
+from arsr.train.checkpoint import load_model_file, save_model_file
+from arsr.train.engine import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PN = [1, 2, 3, 4]
+STEPS = 4
+TINY = {
+    "seed": 0,
+    "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 6,
+             "min_shards": 2, "workers": 1},
+    "vqvae": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8, "patch_nums": PN},
+    "tokenize": {"batch_size": 16, "workers": 1},
+    "srvar": {"depth": 1, "width": 32, "refiner": True, "refiner_width": 16, "refiner_depth": 1,
+              "refiner_steps": "4",
+              "train": {"nproc": 2, "workers": 1, "max_steps": STEPS, "batch_size": 4, "base_lr": 0.05,
+                        "val_every": 2, "log_every": 1, "ckpt_every": 100}},
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy 2-core machine: a second intra-op thread only adds spin-waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------
+# 1. The LR condition is used
+# ------------------------------------------------------------------------------------------
+def test_the_lr_condition_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """8 samples whose scale-0 and scale-1 tokens all differ from each other's; random LR latents.
+    After training, greedy decoding (the inference path) gets scales 0 and 1 right from the true LR
+    and wrong from the LR of another sample; so does the stage's teacher-forced validation."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=32, z_channels=16, ch=8, ch_mult=(1, 2), patch_nums=PN).freeze()
+    g, B = torch.Generator().manual_seed(0), 8
+    s0_B1 = torch.randperm(32, generator=g)[:B, None]
+    s1_B4 = torch.stack([torch.randperm(32, generator=g)[:B] for _ in range(4)], dim=1)  # per position
+    rest = [torch.randint(0, 32, (B, pn * pn), generator=g) for pn in PN[2:]]
+    idx_BL = torch.cat([s0_B1, s1_B4, *rest], dim=1)
+    lrf = torch.randn(B, 16, 4, 4, generator=g)
+    batch = {"idx": idx_BL, "f": vae.idxBl_to_fhat(vae.split_idx_BL(idx_BL)), "lrf": lrf}
+
+    tcfg = TrainConfig(
+        max_steps=80, batch_size=B, amp="none", base_lr=0.1, warmup_steps=5, ema=0.9, weight_decay=0.0,
+        val_every=10**6, log_every=10**6, ckpt_every=10**6, workers=0,
+    )  # fmt: skip
+    cfg = SRVARConfig(depth=2, width=64, train=tcfg)  # cond_drop 0.1 as by default
+    torch.manual_seed(0)
+    model = build_srvar(cfg, PN, vae.V, vae.Cvae)
+    trainer = Trainer(
+        kind="srvar", model=model, model_config=model.model_config(), cfg=tcfg,
+        loss_fn=make_loss_fn(vae, cfg), make_train_iter=lambda k: itertools.repeat(batch),
+        out_dir=tmp_path, fingerprint={}, no_weight_decay=model.no_weight_decay,
+    )  # fmt: skip
+    trainer.fit()
+    ema = trainer.ema.model
+
+    other = torch.roll(torch.arange(B), 1)  # every sample gets another sample's LR
+    for lr, lo, hi in ((lrf, 90, 100), (lrf[other], 0, 50)):
+        _, greedy = ema.sample_fhat(lr, vae, cfg=0, top_k=1)
+        acc0 = (greedy[0] == s0_B1).float().mean() * 100
+        acc1 = (greedy[1] == s1_B4).float().mean() * 100
+        val = make_val_fn(vae)(ema, {**batch, "lrf": lr})
+        tf0 = val["Acc_s0"][0] / val["Acc_s0"][1]
+        assert lo <= acc0 <= hi and lo <= acc1 <= hi and lo <= tf0 <= hi, (acc0, acc1, tf0)
+    assert np.isfinite(val["Lm"][0])  # the EMA-averaged model's mask stays finite
+
+
+# ------------------------------------------------------------------------------------------
+# 2. The stage end to end
+# ------------------------------------------------------------------------------------------
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", WANDB_RUN_GROUP="stage-srvar-test", OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """shard -> an (untrained) tiny VQVAE model.pt -> tokenize -> `launch train_srvar` (2 ranks)."""
+    root = tmp_path_factory.mktemp("srvar")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params = load_params(root / "params.yaml")
+    run_shard(str(root / "params.yaml"), str(root / "data/shards"), str(root / "runs"))
+    torch.manual_seed(0)
+    vae = build_vqvae(params.vqvae)
+    save_model_file(
+        root / "runs/vqvae/model.pt", kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict()
+    )
+    tokenize.run_tokenize(
+        params, root / "data/shards", root / "runs/vqvae/model.pt", root / "data/tokens", root / "runs"
+    )
+    cmd = [sys.executable, "-m", "arsr.stages.launch", "train_srvar"]
+    proc = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (root / "train_srvar.log").write_text(proc.stdout + proc.stderr)
+    return root
+
+
+def test_stage_writes_a_self_contained_model_and_metrics(proj: Path):
+    log = (proj / "train_srvar.log").read_text()
+    assert "torch.distributed.run" in log and "2 rank(s)" in log and "refiner target scale" in log
+    d = load_model_file(proj / "runs/srvar/model.pt", kind="srvar")
+    vq = load_model_file(proj / "runs/vqvae/model.pt", kind="vqvae")
+    stats = json.loads((proj / "data/tokens/latent_stats.json").read_text())
+    assert d["step"] == STEPS and d["fingerprint"]["stage"] == "train_srvar"
+    assert d["config"]["refiner"] and 0 < d["config"]["refiner_scale"] < 10
+    extra = d["extra"]
+    assert (extra["hr_size"], extra["scale"]) == (32, 4) and extra["latent_stats"] == stats
+    assert extra["vqvae"]["config"] == vq["config"]
+    assert all(torch.equal(extra["vqvae"]["state_dict"][k], v) for k, v in vq["state_dict"].items())
+    assert all(torch.isfinite(v).all() for v in d["state_dict"].values() if v.is_floating_point())
+
+    metrics = json.loads((proj / "runs/srvar/metrics.json").read_text())
+    assert metrics["step"] == STEPS
+    names = {"Lm", "Lt", "Accm", "Acct", "diff_loss"}
+    assert names | {"tnm", "tlr"} <= set(metrics["train"])
+    assert names | {f"Acc_s{si}" for si in range(len(PN))} <= set(metrics["val"])
+    assert all(np.isfinite(v) for v in metrics["val"].values())
+    assert 0 <= metrics["val"]["Acct"] <= 100 and metrics["val"]["Lm"] > 0
+    plots = {p.stem for p in (proj / "runs/srvar/plots").glob("*.tsv")}
+    assert {"Lm", "Acct", "diff_loss", "val_Acct", "val_Acc_s0"} <= plots
+    assert (proj / "runs/srvar/ckpt/last.pt").is_file()
+
+
+def test_wandb_gets_val_sample_grids(proj: Path):
+    from wandb_read import offline_runs, read_run, run_info
+
+    runs = {run_info(read_run(r))["job_type"]: r for r in offline_runs(proj / "runs" / "wandb")}
+    assert "train_srvar" in runs
+    grids = list((runs["train_srvar"] / "files" / "media" / "images").glob("val/samples_*.png"))
+    assert len(grids) == 2  # validations at steps 2 and 4
+    img = np.asarray(Image.open(grids[0]))
+    assert img.shape[:2] == (4 * 32, 3 * 32)  # 4 samples, LR | SRVAR | HR
+
+
+# ------------------------------------------------------------------------------------------
+# 3. The upscaler and `arsr upscale`
+# ------------------------------------------------------------------------------------------
+def test_upscaler_conditions_like_tokenize(proj: Path):
+    """The LR path of inference gives the lrf the model was trained on (uint8 LR -> MATLAB bicubic ->
+    encoder), and the same seed gives the same super-resolution."""
+    up = make_upscaler(load_model_file(proj / "runs/srvar/model.pt", kind="srvar"), EvalConfig(), "cpu")
+    assert (up.hr_size, up.scale) == (32, 4)
+    images = list(iter_tar_samples(shard_urls(proj / "data/shards", "val")))[:4]
+    tokens = next(
+        iter(eval_loader(shard_urls(proj / "data/tokens", "val"), decode=decode_tokens, batch_size=4))
+    )
+    assert tokens["key"] == [s["__key__"] for s in images]
+    lr = torch.stack([to_unit_range(decode_png(s["lr.png"])) for s in images])
+    torch.testing.assert_close(up.lr_latent(lr), tokens["lrf"], rtol=0, atol=2e-3)  # fp16 ulps
+    a, b, c = up(lr, seed=3), up(lr, seed=3), up(lr, seed=4)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="LR tiles"):
+        up(torch.zeros(1, 3, 16, 16), seed=0)
+
+
+def test_arsr_upscale_folder(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(inp / "tile.png")
+    Image.fromarray(rng.integers(0, 256, (13, 10, 3), dtype=np.uint8)).save(inp / "odd.png")
+    model = str(proj / "runs/srvar/model.pt")
+    argv = ["upscale", "--model", model, "--input", str(inp), "--output", str(tmp_path / "out")]
+    assert arsr_main([*argv, "--params", str(tmp_path / "none.yaml"), "--device", "cpu"]) == 0
+    assert np.asarray(Image.open(tmp_path / "out/tile_x4.png")).shape == (32, 32, 3)
+    assert np.asarray(Image.open(tmp_path / "out/odd_x4.png")).shape == (52, 40, 3)
+
+
+def test_arsr_upscale_refusals(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
+    base = ["upscale", "--output", str(tmp_path / "out"), "--device", "cpu"]
+    vqvae = str(proj / "runs/vqvae/model.pt")
+    assert arsr_main([*base, "--model", vqvae, "--input", str(img)]) == 2
+    assert "holds a 'vqvae' model; `upscale` needs an SR model" in capsys.readouterr().err
+
+    model = str(proj / "runs/srvar/model.pt")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert arsr_main([*base, "--model", model, "--input", str(notes)]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {notes}" in err
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"not a png")
+    assert arsr_main([*base, "--model", model, "--input", str(fake)]) == 1
+    assert f"skipped {fake}" in capsys.readouterr().err
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no images here")
+    assert arsr_main([*base, "--model", model, "--input", str(folder)]) == 2
+    assert "no image files inside" in capsys.readouterr().err
