@@ -7,7 +7,8 @@
 Reads ``seed`` and ``mar`` from params.yaml; everything else is a fact of the inputs: the latent
 width, grid and per-channel stats from ``data/tokens/latent_stats.json``, the tokenizer from
 ``runs/vqvae/model.pt`` (it must be the one the tokens were made with), and ``hr_size``, ``scale``
-and the class count from ``data/shards/stats.json``.
+and the class count from ``latent_stats.json`` when tokenize records them there, else from
+``data/shards/stats.json`` (the image shards also give the W&B previews their LR and HR crops).
 
 What the model sees (per sample, normalized with the train split's per-channel latent stats):
 
@@ -272,19 +273,22 @@ def read_inputs(tokens: Path, vqvae_path: Path, shards: Path) -> dict[str, Any]:
     if stats.get("vqvae_sha256") != file_sha256(vqvae_path):
         raise StageError(f"{tokens} was made with another VQVAE than {vqvae_path}: rerun the tokenize stage")
     vqvae_file = load_model_file(vqvae_path, kind="vqvae")
+    # Data facts: latent_stats.json's when tokenize records them there, else the shards' stats.json.
     shard_stats = load_shard_stats(shards)
-    hr_size, scale = int(shard_stats["hr_size"]), int(shard_stats["scale"])
+    hr_size, scale, num_classes = (
+        int(stats.get(k, shard_stats.get(k, 0))) for k in ("hr_size", "scale", "num_classes")
+    )
     grid, downsample = int(stats["grid"]), 2 ** (len(vqvae_file["config"]["ch_mult"]) - 1)
     if grid * downsample != hr_size:
         raise StageError(
-            f"the latent grid {grid} x downsample {downsample} != the shards' hr_size {hr_size}: "
+            f"the latent grid {grid} x downsample {downsample} != the data's hr_size {hr_size}: "
             "rerun train_vqvae and tokenize on these shards"
         )
     return {
         "norm": LatentNorm(stats["mean"], stats["std"]),
         "channels": int(stats["Cvae"]),
         "grid": grid,
-        "num_classes": int(shard_stats.get("num_classes", 0)),
+        "num_classes": num_classes,
         "hr_size": hr_size,
         "scale": scale,
         "vqvae_file": vqvae_file,
