@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 _TINY_TRAIN = {
     "max_steps": 8,
     "batch_size": 8,
-    "val_every": 4,
+    "val_every": 100,  # validate once, at the end
     "ckpt_every": 4,
     "log_every": 2,
     "warmup_steps": 1,
@@ -63,7 +63,7 @@ TINY_PARAMS = {
         "num_sampling_steps": "ddim10",
         "train": {**_TINY_TRAIN, "nproc": 2},
     },
-    "eval": {"max_val_images": 6, "num_samples": 2, "mar_num_iter": 4},
+    "eval": {"max_val_images": 4, "num_samples": 2, "mar_num_iter": 4},
 }
 
 
