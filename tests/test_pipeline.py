@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 # Shared with test_slurm.py: the fixtures dvc_project/smk_project come from conftest.py.
-from pipeline_fixtures import TINY_PARAMS, make_project, run, sha_tree  # noqa: F401
+from pipeline_fixtures import ROOT, TINY_PARAMS, make_project, run, sha_tree  # noqa: F401
 
 
 def test_second_dvc_repro_does_nothing_quickly(dvc_project: Path) -> None:
@@ -28,3 +28,23 @@ def test_snakemake_builds_byte_identical_shards_and_dvc_accepts_them(
     run(["dvc", "commit", "-f"], smk_project)
     status = run(["dvc", "status"], smk_project).stdout
     assert "up to date" in status, status
+
+
+def _dot_graph(text: str, label_re: str, edge_re: str) -> tuple[set[str], set[tuple[str, str]]]:
+    import re
+
+    labels = dict(re.findall(label_re, text))
+    nodes = set(labels.values()) if labels else set(re.findall(r'^"([^"]+)";$', text, re.M))
+    edges = {(labels.get(a, a), labels.get(b, b)) for a, b in re.findall(edge_re, text)}
+    return nodes, edges
+
+
+def test_dvc_dag_and_snakemake_dag_are_the_same_graph() -> None:
+    dvc_dot = run(["dvc", "dag", "--dot"], ROOT).stdout
+    smk_dot = run(["snakemake", "--dag", "--quiet", "all"], ROOT).stdout
+    dvc_nodes, dvc_edges = _dot_graph(dvc_dot, r"(?!)", r'"([^"]+)" -> "([^"]+)"')
+    smk_nodes, smk_edges = _dot_graph(smk_dot, r'(\d+)\[label = "([^"]+)"', r"(\d+) -> (\d+)")
+    smk_nodes.discard("all")
+    smk_edges = {e for e in smk_edges if "all" not in e}
+    assert dvc_nodes == smk_nodes and len(dvc_nodes) == 7
+    assert dvc_edges == smk_edges

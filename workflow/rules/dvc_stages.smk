@@ -4,14 +4,15 @@
 # - inputs: the stage's deps (upstream outputs make the edges);
 # - outputs: its outs, except `persist: true` ones (checkpoint folders must survive a
 #   rerun; Snakemake deletes declared outputs before running a job);
-# - params: the resolved values of the stage's params.yaml keys, so Snakemake's params
+# - params: the resolved values (schema defaults included) of the stage's keys, so Snakemake's params
 #   trigger reruns a stage when (and only when) one of *its* keys changes;
 # - resources/threads: from the profile (workflow/profiles/*), never from params.yaml.
 import json
 import os
 
-import yaml
 from dvc.repo import Repo
+
+from arsr.config import load_params
 
 
 def _lookup(tree, dotted):
@@ -21,7 +22,8 @@ def _lookup(tree, dotted):
 
 
 def _dvc_rules(root="."):
-    params = yaml.safe_load(open(os.path.join(root, "params.yaml")))
+    # Resolved through the schema: defaults count, and a bad params.yaml fails here, by key.
+    params = load_params(os.path.join(root, "params.yaml")).model_dump(mode="json")
     with Repo(root) as repo:
         stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
         for s in stages:
