@@ -29,7 +29,7 @@ from arsr.data.loader import decode_tokens, eval_loader, to_unit_range
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
 from arsr.models.srvar import build_srvar
 from arsr.models.vqvae import VQVAE, build_vqvae
-from arsr.stages import tokenize
+from arsr.stages import tokenize, train_srvar
 from arsr.stages.shard import run_shard
 from arsr.stages.train_srvar import make_loss_fn, make_upscaler, make_val_fn
 from arsr.train.checkpoint import load_model_file, save_model_file
@@ -232,3 +232,14 @@ def test_arsr_upscale_refusals(proj: Path, tmp_path: Path, capsys: pytest.Captur
     (folder / "readme.txt").write_text("no images here")
     assert arsr_main([*base, "--model", model, "--input", str(folder)]) == 2
     assert "no image files inside" in capsys.readouterr().err
+
+
+def test_tokens_of_another_tokenizer_are_refused(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    stats = json.loads((proj / "data/tokens/latent_stats.json").read_text())
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens/latent_stats.json").write_text(json.dumps({**stats, "vqvae_sha256": "0" * 64}))
+    argv = ["--params", str(proj / "params.yaml"), "--tokens", str(tmp_path / "tokens")]
+    argv += ["--vqvae", str(proj / "runs/vqvae/model.pt"), "--out", str(tmp_path / "srvar")]
+    assert train_srvar.main(argv) == 2
+    assert "tokenized with another VQVAE" in capsys.readouterr().err
+    assert not (tmp_path / "srvar").exists()

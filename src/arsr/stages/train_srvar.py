@@ -20,9 +20,9 @@ LR | SRVAR | HR for a few val samples.
 VQVAE (config + weights), ``latent_stats.json``, ``hr_size`` and ``scale``. ``arsr upscale`` and
 ``evaluate`` turn it into an :class:`SRVARUpscaler` with :func:`make_upscaler`.
 
-``hr_size`` and ``scale`` are facts of the data, not params this stage may read: they come from
-``latent_stats.json`` when tokenize records them there, else from the image shards' ``stats.json``
-(``--shards``), and ``hr_size`` is checked against the tokenizer's grid.
+``hr_size`` and ``scale`` are facts of the data, not params this stage may read: tokenize records
+them in ``latent_stats.json`` (with the tokenizer's facts and the sha256 of the VQVAE it used; both
+are checked against ``--vqvae``).
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from arsr.config import EvalConfig, Params, SRVARConfig
-from arsr.data.loader import decode_tokens, eval_loader, load_shard_stats, to_unit_range, train_loader
+from arsr.data.loader import decode_tokens, eval_loader, to_unit_range, train_loader
 from arsr.data.shards import shard_urls
 from arsr.eval.tiling import to_uint8
 from arsr.io import file_sha256
 from arsr.models.srvar import SRVAR, build_srvar, init_from, last_scale_residual, srvar_loss
 from arsr.models.vqvae import VQVAE
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, fingerprint, stage_main
+from arsr.stages.common import RUNS_DIR, TOKENS_DIR, StageError, fingerprint, stage_main
 from arsr.stages.tokenize import upsample_lr
 from arsr.stages.upscale import load_vqvae
 from arsr.train.checkpoint import load_model_file
@@ -62,7 +62,7 @@ REFINER_SCALE_SAMPLES = 512  # training samples the refiner's target scale is me
 # --------------------------------------------------------------------------------------
 # Inputs: tokenizer, token facts
 # --------------------------------------------------------------------------------------
-def load_inputs(tokens: Path, vqvae_path: Path, shards: Path) -> tuple[dict, VQVAE, dict, int, int]:
+def load_inputs(tokens: Path, vqvae_path: Path) -> tuple[dict, VQVAE, dict, int, int]:
     """-> (the VQVAE model.pt dict, the frozen VQVAE, latent_stats.json, hr_size, scale).
 
     Refuses token shards made by another tokenizer than ``vqvae_path`` (tokenize records its hash)."""
@@ -70,9 +70,11 @@ def load_inputs(tokens: Path, vqvae_path: Path, shards: Path) -> tuple[dict, VQV
     if not stats_path.is_file():
         raise FileNotFoundError(f"{stats_path} not found (run the tokenize stage first)")
     stats = json.loads(stats_path.read_text())
+    missing = sorted({"vqvae_sha256", "hr_size", "scale"} - set(stats))
+    if missing:
+        raise StageError(f"{stats_path} lacks {', '.join(missing)} (made by an older tokenize); rerun it")
     vae_file = load_model_file(vqvae_path, kind="vqvae")
-    sha = stats.get("vqvae_sha256")
-    if sha is not None and sha != file_sha256(vqvae_path):
+    if stats["vqvae_sha256"] != file_sha256(vqvae_path):
         raise StageError(
             f"{tokens} was tokenized with another VQVAE than {vqvae_path} (sha256 differs); rerun tokenize"
         )
@@ -82,11 +84,7 @@ def load_inputs(tokens: Path, vqvae_path: Path, shards: Path) -> tuple[dict, VQV
             f"{stats_path}: patch_nums {stats['patch_nums']} / vocab {stats['vocab_size']} do not match "
             f"the VQVAE's {list(vae.patch_nums)} / {vae.V}; rerun tokenize"
         )
-    if "hr_size" in stats and "scale" in stats:
-        hr_size, scale = int(stats["hr_size"]), int(stats["scale"])
-    else:
-        shard_stats = load_shard_stats(shards)
-        hr_size, scale = int(shard_stats["hr_size"]), int(shard_stats["scale"])
+    hr_size, scale = int(stats["hr_size"]), int(stats["scale"])
     if hr_size != vae.patch_nums[-1] * vae.downsample:
         raise StageError(
             f"hr_size {hr_size} != the VQVAE's grid {vae.patch_nums[-1]} x downsample {vae.downsample}"
@@ -196,7 +194,7 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
     inputs = [tokens, vqvae_path] + ([Path(cfg.init_from)] if cfg.init_from else [])
     fp = fingerprint("train_srvar", params, "srvar", inputs)  # also fails early on a missing input
     dist = init_distributed()
-    vae_file, vae, stats, hr_size, scale = load_inputs(tokens, vqvae_path, Path(args.shards))
+    vae_file, vae, stats, hr_size, scale = load_inputs(tokens, vqvae_path)
     vae = vae.to(dist.device)
     train_urls, val_urls = shard_urls(tokens, "train"), shard_urls(tokens, "val")
 
@@ -280,6 +278,7 @@ class SRVARUpscaler:
         self.model, self.vae, self.hr_size, self.scale = model, vae, hr_size, scale
         self.cfg, self.top_k, self.top_p = cfg.srvar_cfg, cfg.srvar_top_k, cfg.srvar_top_p
         self.device = torch.device(device)
+        self.refine = True  # with a refiner: add its sampled residual (False: tokens only)
 
     @torch.no_grad()
     def lr_latent(self, lr_B3hw: torch.Tensor) -> torch.Tensor:
@@ -292,7 +291,9 @@ class SRVARUpscaler:
     @torch.no_grad()
     def __call__(self, lr_B3hw: torch.Tensor, seed: int) -> torch.Tensor:
         lrf = self.lr_latent(lr_B3hw)
-        img = self.model.autoregressive_infer_cfg(lrf, self.vae, self.cfg, self.top_k, self.top_p, seed=seed)
+        img = self.model.autoregressive_infer_cfg(
+            lrf, self.vae, self.cfg, self.top_k, self.top_p, seed=seed, refine=self.refine
+        )
         return img.mul(2).sub(1)
 
 
@@ -314,9 +315,6 @@ def make_upscaler(
 def _add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokens", default=str(TOKENS_DIR), help="token shards (default: data/tokens)")
     ap.add_argument("--vqvae", default=str(RUNS_DIR / "vqvae" / "model.pt"), help="the tokenizer's model.pt")
-    ap.add_argument(
-        "--shards", default=str(SHARDS_DIR), help="image shards; only stats.json (hr_size, scale) is read"
-    )
     ap.add_argument("--out", default=str(RUNS_DIR / "srvar"), help="run folder (default: runs/srvar)")
 
 
