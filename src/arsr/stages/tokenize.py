@@ -14,7 +14,8 @@ keys, in the same order:
 - ``{key}.cls``      the class index, copied.
 
 and ``latent_stats.json``: per-channel mean/std of ``f`` (as stored, float16) over the train split
-(what MAR normalizes its targets with), plus the tokenizer facts (vocab, patch_nums, L, Cvae, grid).
+(what MAR normalizes its targets with), the tokenizer facts (vocab_size, patch_nums, L, Cvae, grid,
+the sha256 of model.pt) and the data facts (hr_size, scale).
 
 ``tokenize.workers`` processes each take whole shards; each encodes in batches of
 ``tokenize.batch_size`` with one torch thread, so the bytes of every tar (mtime 0, fixed owner,
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from arsr.config import Params
 from arsr.data.imresize import imresize
-from arsr.data.loader import count_samples, to_unit_range
+from arsr.data.loader import count_samples, load_shard_stats, to_unit_range
 from arsr.data.shards import SPLITS, decode_png, iter_tar_samples, shard_urls
 from arsr.io import file_sha256, write_json
 from arsr.models.vqvae import VQVAE
@@ -185,8 +186,8 @@ def _run_tasks(tasks: list[tuple[str, str]], model: Path, batch_size: int, worke
     return results
 
 
-def latent_stats(results: list[dict], vae_config: dict, model_sha: str) -> dict[str, Any]:
-    """Per-channel mean/std of the stored train latents, plus the tokenizer facts."""
+def latent_stats(results: list[dict], vae_config: dict, model_sha: str, shard_stats: dict) -> dict[str, Any]:
+    """Per-channel mean/std of the stored train latents, plus the tokenizer and data facts."""
     n = sum(r["positions"] for r in results)
     s1 = sum(r["sum"] for r in results)
     s2 = sum(r["sumsq"] for r in results)
@@ -204,6 +205,8 @@ def latent_stats(results: list[dict], vae_config: dict, model_sha: str) -> dict[
         "patch_nums": list(pn),
         "L": int(sum(p * p for p in pn)),
         "grid": int(pn[-1]),
+        "hr_size": int(shard_stats["hr_size"]),
+        "scale": int(shard_stats["scale"]),
         "vqvae_sha256": model_sha,
     }
 
@@ -235,7 +238,7 @@ def run_tokenize(
         if stale.name not in keep:
             stale.unlink()
     train_results = [r for (src, _), r in zip(tasks, results) if src in urls["train"]]
-    stats = latent_stats(train_results, vae_config, file_sha256(model))
+    stats = latent_stats(train_results, vae_config, file_sha256(model), load_shard_stats(shards))
     write_json(out / "latent_stats.json", stats)
 
     elapsed = time.perf_counter() - t0
