@@ -100,7 +100,7 @@ class VQVAEConfig(Section):
     pretrained: str | None = Field(None, description="official VAR vae .pth to adopt instead of training")
     vocab_size: int = Field(512, ge=2)
     z_channels: int = Field(32, ge=1, description="Cvae, the latent width")
-    ch: int = Field(32, ge=8, description="base channels (VAR: 160)")
+    ch: int = Field(16, ge=8, description="base channels (VAR: 160)")
     ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 4])
     dropout: float = Field(0.0, ge=0, lt=1)
     patch_nums: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8])
@@ -109,6 +109,7 @@ class VQVAEConfig(Section):
     share_quant_resi: int = Field(4, ge=0)
     restart_dead_codes: bool = True
     restart_every: int = Field(25, ge=1, description="steps between dead-code restarts")
+    augment: bool = Field(True, description="random RGB order, flips and negatives of the train crops")
     perceptual_weight: float = Field(0.0, ge=0, description="LPIPS; needs local weights")
     train: TrainConfig = Field(default_factory=TrainConfig)
 

@@ -3,7 +3,8 @@
     python -m arsr.stages.launch train_vqvae      # torchrun when vqvae.train.nproc > 1
     python -m arsr.stages.train_vqvae [--params params.yaml] [--shards data/shards] [--out runs/vqvae]
 
-Reads ``seed`` and ``vqvae`` from params.yaml and the HR crops of ``data/shards``. Loss per
+Reads ``seed`` and ``vqvae`` from params.yaml and the HR crops of ``data/shards`` (with
+``vqvae.augment``: random RGB order, flips and negatives, see :func:`augment`). Loss per
 batch: ``L1(rec, x) + L2(rec, x) + vq_loss`` (VAR's VQ loss, beta ``vqvae.beta``, with the
 straight-through estimator; see ``arsr.models.quant``). With ``vqvae.restart_dead_codes`` every
 ``vqvae.restart_every`` steps the codes whose EMA hit count fell below ``RESTART_THRESHOLD`` of the mean
@@ -45,7 +46,7 @@ from arsr.io import atomic_write_text
 from arsr.models.vqvae import VQVAE, build_vqvae, load_official, vqvae_kwargs
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, stage_main
 from arsr.train.checkpoint import save_model_file
-from arsr.train.dist import DistInfo, cleanup, init_distributed, print0, unwrap
+from arsr.train.dist import DistInfo, all_reduce_sum_, cleanup, init_distributed, print0, unwrap
 from arsr.train.engine import Trainer, micro_batch_size
 from arsr.train.logging import PlotWriter, WandbRun, init_wandb, merge_sums
 
@@ -65,6 +66,20 @@ def decode_hr(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
 def to_uint8(x_B3HW: torch.Tensor) -> np.ndarray:
     """[-1, 1] images -> uint8 [B, H, W, 3] (rounded; exact for images decoded from PNG)."""
     return ((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def augment(x_B3HW: torch.Tensor) -> torch.Tensor:
+    """Per image: a random order of the RGB channels, a random horizontal flip, and the negative
+    image half of the time. A tokenizer must reconstruct any image, and a small train split can be
+    far from the val one (the built-in train photos are mostly dark: retina, Hubble; the val ones
+    bright): these cover colours and brightness it would otherwise never see. Draws from torch's
+    global RNG, which the engine checkpoints per rank, so a resumed run draws the same."""
+    B, _, H, W = x_B3HW.shape
+    order_B3 = torch.rand(B, 3).argsort(dim=1).to(x_B3HW.device)
+    x = x_B3HW.gather(1, order_B3[:, :, None, None].expand(B, 3, H, W))
+    flip_B, negate_B = (torch.rand(2, B, 1, 1, 1) < 0.5).to(x.device)
+    x = torch.where(flip_B, x.flip(3), x)
+    return torch.where(negate_B, -x, x)
 
 
 # --------------------------------------------------------------------------------------
@@ -92,58 +107,55 @@ class Validator:
     """Val metrics of the (EMA) model on the full val split, in fp32 with autocast off: what
     ``tokenize`` and ``evaluate`` will see.
 
-    The engine sums ``(value, count)`` pairs over batches and ranks. Code usage over the *whole*
-    split is not such a sum, so the hits are accumulated here (reset when the engine asks for a
-    new val iterator) and each batch reports the codes it hit *first*, with count 1 on the
-    split's first batch and 0 afterwards: the engine's sum / count is then exactly the fraction
-    of codes hit over the split (under DDP: the mean over ranks of each rank's share).
+    The engine sums ``(value, count)`` pairs over batches and ranks, but code usage over the whole
+    split is no such sum. So the val iterator yields this rank's batches (whose codes are counted
+    here) and then one summary item ``{"hits_SV": ...}``, the code hits of all ranks, all-reduced
+    (safe: every rank reaches the end of its own share exactly once); ``__call__`` turns it into
+    ``code_usage`` with count 1 on rank 0 and 0 elsewhere, so the engine's mean is exact.
     """
 
-    def __init__(self, urls: list[str], batch_size: int = VAL_BATCH, rank: int = 0, world_size: int = 1):
-        self.urls, self.batch_size, self.rank, self.world_size = urls, batch_size, rank, world_size
-        self.hits_SV: torch.Tensor | None = None
+    def __init__(
+        self, urls: list[str], SN: int, V: int, batch_size: int = VAL_BATCH, dist: DistInfo | None = None
+    ):
+        self.urls, self.SN, self.V, self.batch_size = urls, SN, V, batch_size
+        self.dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
+        self.hits_SV = torch.zeros(SN, V)
 
-    def make_iter(self) -> Any:
-        self.hits_SV = None
-        return eval_loader(
-            self.urls, decode=decode_hr, batch_size=self.batch_size, rank=self.rank,
-            world_size=self.world_size,
-        )  # fmt: skip
+    def make_iter(self) -> Iterator[dict[str, torch.Tensor]]:
+        d = self.dist
+        self.hits_SV = torch.zeros(self.SN, self.V, device=d.device)
+        yield from eval_loader(
+            self.urls, decode=decode_hr, batch_size=self.batch_size, rank=d.rank, world_size=d.world_size
+        )
+        yield {"hits_SV": all_reduce_sum_(self.hits_SV)}
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        if "hits_SV" in batch:
+            n = 1 if self.dist.is_main else 0
+            usage_S = (batch["hits_SV"] > 0).float().mean(dim=1).tolist()
+            out = {f"code_usage_s{si}": (u * n, n) for si, u in enumerate(usage_S)}
+            return out | {"code_usage": (usage_S[-1] * n, n)}
         vae: VQVAE = unwrap(model)
         x = batch["hr"]
         B = x.shape[0]
         f = vae.img_to_f(x)
         vq_loss = vae.quantize(f)[1]  # eval mode: no usage-buffer update
         rec = vae.fhat_to_img(vae.f_to_fhat(f))  # exactly what decoding the stored tokens gives
-        first = self.hits_SV is None
-        if first:
-            self.hits_SV = torch.zeros(vae.SN, vae.V, dtype=torch.bool, device=x.device)
-        new_S = torch.zeros(vae.SN)
         for si, idx_Bl in enumerate(vae.f_to_idxBl(f)):
-            hit_V = torch.zeros(vae.V, dtype=torch.bool, device=x.device)
-            hit_V[idx_Bl.flatten()] = True
-            new_S[si] = (hit_V & ~self.hits_SV[si]).sum().item() / vae.V
-            self.hits_SV[si] |= hit_V
-        y_rec, y_hr = to_uint8(rec), to_uint8(x)
-        psnr_sum = sum(psnr(y_uint8(a), y_uint8(b)) for a, b in zip(y_rec, y_hr))
-        out = {
+            self.hits_SV[si] += idx_Bl.flatten().bincount(minlength=vae.V).to(self.hits_SV.dtype)
+        psnr_sum = sum(psnr(y_uint8(a), y_uint8(b)) for a, b in zip(to_uint8(rec), to_uint8(x)))
+        return {
             "rec_l1": ((rec - x).abs().mean().item() * B, B),
             "rec_l2": (F.mse_loss(rec, x).item() * B, B),
             "rec_psnr": (psnr_sum, B),
             "vq_loss": (vq_loss.item() * B, B),
         }
-        n = 1 if first else 0
-        out.update({f"code_usage_s{si}": (float(u), n) for si, u in enumerate(new_S)})
-        out["code_usage"] = (float(new_S[-1]), n)
-        return out
 
 
 def validate(vae: VQVAE, urls: list[str]) -> dict[str, float]:
     """One val pass in this process, outside the engine (adopted weights); the engine's metrics."""
-    validator = Validator(urls)
+    validator = Validator(urls, vae.SN, vae.V)
     sums: dict[str, list[float]] = {}
     for batch in validator.make_iter():
         for k, (s, n) in validator(vae, batch).items():
@@ -221,6 +233,8 @@ def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str
     last_batch: dict[str, torch.Tensor] = {}
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        if cfg.augment:
+            batch = {"hr": augment(batch["hr"])}
         last_batch["hr"] = batch["hr"]  # dead codes restart from the step's last micro-batch
         return vqvae_loss(model, batch)
 
@@ -238,7 +252,7 @@ def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str
             grid = recon_grid(unwrap(ema_model), samples.to(dist.device))
             run.log_images("val/reconstructions", [grid], captions=["input | reconstruction"], step=step)
 
-    validator = Validator(val_urls, max(mb, VAL_BATCH), dist.rank, dist.world_size)
+    validator = Validator(val_urls, vae.SN, vae.V, max(mb, VAL_BATCH), dist)
     trainer = Trainer(
         kind="vqvae",
         model=vae,
