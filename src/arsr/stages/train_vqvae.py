@@ -201,6 +201,7 @@ def adopt_pretrained(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) 
         ) from None
     fp = fingerprint("train_vqvae", params, "vqvae", [shards, path])
     if not init_distributed().is_main:  # started under torchrun: rank 0 does it all
+        cleanup()
         return {}
     print(f"train_vqvae: adopting official weights {path} (no training)", file=sys.stderr)
     val_urls = shard_urls(shards, "val")
@@ -211,14 +212,16 @@ def adopt_pretrained(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) 
     )  # fmt: skip
     metrics = {"step": 0, "pretrained": str(path), "train": {}, "val": val}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    # The DAG declares ckpt/ and plots/ for this stage: present (and plots filled) in both modes.
+    # The DAG declares ckpt/ and plots/ for this stage: present in both modes, plots from this run only.
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
-    PlotWriter(out / "plots").truncate_after(-1)
+    for old in (out / "plots").glob("*.tsv"):
+        old.unlink()
     PlotWriter(out / "plots").append(0, {f"val/{k}": v for k, v in val.items()})
     run = init_wandb("train_vqvae", section_dict(cfg), out_dir=out.parent)
     run.summary_update({f"final/{k}": v for k, v in val.items()} | {"pretrained": str(path)})
     run.log_images("val/reconstructions", [recon_grid(vae, first_val_images(val_urls, NUM_VAL_IMAGES))])
     run.finish()
+    cleanup()
     return val
 
 
