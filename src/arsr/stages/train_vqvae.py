@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ from arsr.train.checkpoint import save_model_file
 from arsr.train.dist import DistInfo, all_reduce_sum_, cleanup, init_distributed, print0, unwrap
 from arsr.train.engine import Trainer, micro_batch_size
 from arsr.train.logging import PlotWriter, WandbRun, init_wandb, merge_sums
+
+# DDP compares a gradient's strides with its bucket's; for 1x1 conv weights [C, C, 1, 1] the oneDNN
+# gradient differs only in the strides of the size-1 dims, which address nothing: harmless, once per
+# rank, but it prints a 6-line warning.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 RESTART_THRESHOLD = 0.03  # dead: EMA hits < 3% of the mean code's (see MultiScaleQuantizer)
 NUM_VAL_IMAGES = 8  # val inputs shown beside their reconstructions in W&B
