@@ -72,6 +72,7 @@ def _env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "offline"
     env.pop("WANDB_RUN_GROUP", None)
+    env.pop("WANDB_SERVICE", None)  # a service of the test process is not the stages'
     return env
 
 

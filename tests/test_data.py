@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -107,10 +108,25 @@ def write_params(path: Path, data: dict, seed: int = 0) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def no_wandb():
+    """In-process stage runs log nothing to W&B (a W&B service would outlive the test)."""
+    old = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "disabled"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WANDB_MODE")
+        else:
+            os.environ["WANDB_MODE"] = old
+
+
 def shard_folder(tmp: Path, source: Path, **data) -> tuple[dict, Path]:
     params = write_params(tmp / "params.yaml", {**TINY, "source": str(source), **data})
     out = tmp / "shards"
-    stats = run_shard(str(params), str(out), str(tmp / "runs"))
+    with no_wandb():
+        stats = run_shard(str(params), str(out), str(tmp / "runs"))
     return stats, out
 
 
@@ -243,7 +259,25 @@ def builtin_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("builtin")
     data = {"hr_size": 64, "scale": 4, "crop_stride": 64, "min_shards": 4, "workers": 2}
     (tmp / "params.yaml").write_text(yaml.safe_dump({"seed": 3, "data": data}))
-    run_shard(str(tmp / "params.yaml"), str(tmp / "shards"), str(tmp / "runs"))
+    # A subprocess, as DVC runs it: W&B then lives and dies with the stage, not in pytest.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "arsr.stages.shard",
+            "--params",
+            str(tmp / "params.yaml"),
+            "--out",
+            str(tmp / "shards"),
+            "--runs",
+            str(tmp / "runs"),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"},
+    )
     return tmp
 
 
@@ -279,7 +313,8 @@ def test_builtin_shards_contract_and_reproducibility(builtin_shards: Path, tmp_p
         assert np.array_equal(lr, imresize(hr, 0.25))
     # Same inputs and params -> byte-identical output.
     (tmp_path / "params.yaml").write_text((builtin_shards / "params.yaml").read_text())
-    run_shard(str(tmp_path / "params.yaml"), str(tmp_path / "shards"), str(tmp_path / "runs"))
+    with no_wandb():
+        run_shard(str(tmp_path / "params.yaml"), str(tmp_path / "shards"), str(tmp_path / "runs"))
     assert _sha(tmp_path / "shards") == _sha(out)
 
 
@@ -360,5 +395,8 @@ def test_shard_logs_counts_and_examples_to_offline_wandb(builtin_shards: Path) -
 def test_partial_mar_train_section_keeps_mar_defaults() -> None:
     params = parse_params({"mar": {"train": {"max_steps": 3}}})
     assert params.mar.train.max_steps == 3
-    assert (params.mar.train.grad_clip, params.mar.train.weight_decay) == (3.0, 0.02)  # MAR's recipe, not generic
+    assert (params.mar.train.grad_clip, params.mar.train.weight_decay) == (
+        3.0,
+        0.02,
+    )  # MAR's recipe, not generic
     assert parse_params({}).srvar.train.grad_clip == 2.0  # VAR's

@@ -124,6 +124,11 @@ class WandbRun:
         self._run = None
 
 
+def wandb_service_alive() -> bool:
+    """Whether the service named by WANDB_SERVICE belongs to this process (wandb sets it at init)."""
+    return f"-{os.getpid()}-" in os.environ.get("WANDB_SERVICE", "")
+
+
 def init_wandb(
     stage: str,
     config: dict[str, Any],
@@ -150,6 +155,10 @@ def init_wandb(
     ]:
         os.environ.setdefault(var, str(out / "wandb" / "_env" / sub))
     os.environ.setdefault("WANDB_SILENT", "true")
+    # A WANDB_SERVICE inherited from a parent process (a test runner, a notebook) points at a
+    # service socket that may be gone; every arsr process starts its own service.
+    if os.environ.get("WANDB_SERVICE") and not wandb_service_alive():
+        os.environ.pop("WANDB_SERVICE")
     try:
         import wandb
 
