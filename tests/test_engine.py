@@ -299,3 +299,16 @@ def test_plots_are_truncated_to_the_resumed_step(tmp_path: Path) -> None:
     plots.truncate_after(4)
     assert (tmp_path / "plots" / "loss.tsv").read_text() == "step\tloss\n2\t0.2\n4\t0.4\n"
     assert (tmp_path / "plots" / "val_mse.tsv").read_text() == "step\tval_mse\n2\t1.0\n4\t1.0\n"
+
+
+def test_ema_averages_parameters_and_copies_buffers() -> None:
+    from arsr.train.ema import EMA
+
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1000)
+    assert torch.equal(ema.model.mask, model.mask)  # -inf stays -inf, no NaN
+    assert torch.allclose(ema.model.weight, model.weight - 0.9)

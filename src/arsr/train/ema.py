@@ -23,17 +23,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        """ema = d * ema + (1 - d) * model for float tensors; other buffers are copied."""
+        """ema = d * ema + (1 - d) * model for parameters; buffers are copied.
+
+        Buffers are state, not weights: averaging them is wrong and can be undefined (an
+        attention mask holding -inf becomes NaN, since -inf - -inf is NaN).
+        """
         d = self.decay_at(step)
-        ema_f, new_f = [], []
-        for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if e.is_floating_point():
-                ema_f.append(e)
-                new_f.append(p.detach())
-            else:
-                e.copy_(p)
-        if ema_f:
-            torch._foreach_lerp_(ema_f, new_f, 1.0 - d)
+        ema_p = [e for e in self.model.parameters()]
+        new_p = [p.detach() for p in model.parameters()]
+        if ema_p:
+            torch._foreach_lerp_(ema_p, new_p, 1.0 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
