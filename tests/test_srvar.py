@@ -42,9 +42,9 @@ def batch(vae: VQVAE, B: int, seed: int = 2) -> tuple[list[torch.Tensor], torch.
 
 
 # ---- teacher forcing vs KV cache, CFG --------------------------------------------------------------
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_teacher_forced_logits_equal_cached_decoding(use_cache: bool) -> None:
-    vae, model = tiny_vae(), tiny_srvar()
+@pytest.mark.parametrize("use_cache,lr_input", [(True, True), (False, True), (True, False)])
+def test_teacher_forced_logits_equal_cached_decoding(use_cache: bool, lr_input: bool) -> None:
+    vae, model = tiny_vae(), tiny_srvar(lr_input=lr_input)
     gt, x, lrf = batch(vae, B=3)
     with torch.no_grad():
         tf_cond, _ = model(lrf, x)
@@ -74,6 +74,19 @@ def test_lr_condition_layouts_and_spatial_order() -> None:
     assert (grid - shuffled).abs().max() > 1e-3  # LR positions matter (lr_pos_embed)
     with pytest.raises(ValueError, match="lrf"):
         model(lrf[:, :, :2], x)
+
+
+def test_lr_input_is_the_area_pyramid_of_lrf() -> None:
+    vae, model = tiny_vae(), tiny_srvar()
+    _, _, lrf = batch(vae, B=2)
+    in_BLC = model.lr_inputs(model._lr_tokens(lrf))
+    assert in_BLC.shape == (2, model.L, model.C)
+    bg, pn = model.begin_ends[1][0], PN[1]  # scale 1: each cell is the mean of its LR block
+    k = lrf.shape[-1] // pn
+    mean_BCv = lrf[:, :, :k, :k].mean((2, 3))
+    assert torch.allclose(in_BLC[:, bg], model.lr_in(mean_BCv), atol=1e-5)
+    assert torch.allclose(in_BLC[:, -model.lr_len :], model.lr_in(lrf.flatten(2).transpose(1, 2)), atol=1e-5)
+    assert tiny_srvar(lr_input=False).lr_inputs(model._lr_tokens(lrf)) is None
 
 
 def test_cond_drop_only_in_training_and_keeps_cfg_uncond_on_graph() -> None:

@@ -141,6 +141,7 @@ class SRVARConfig(Section):
     attn_l2_norm: bool = True
     alng: float = Field(1e-3, gt=0, description="AdaLN gamma init scale")
     cond_drop: float = Field(0.1, ge=0, lt=1, description="per-sample LR-condition dropout (CFG)")
+    lr_input: bool = Field(True, description="add the LR latent pyramid to every position's input")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     refiner: bool = False
     diff_weight: float = Field(2.0, ge=0)
@@ -185,7 +186,7 @@ class EvalConfig(Section):
     protocol: Literal["rgb-uint8", "y-float"] = "rgb-uint8"
     max_val_images: int = Field(0, ge=0, description="0 = all val crops")
     tile_overlap: int = Field(16, ge=0)
-    srvar_cfg: float = Field(1.5, ge=0)
+    srvar_cfg: float = Field(0.0, ge=0)
     srvar_top_k: int = Field(0, ge=0, description="0 = off")
     srvar_top_p: float = Field(0.0, ge=0, le=1, description="0 = off")
     mar_cfg: float = Field(1.0, ge=0)

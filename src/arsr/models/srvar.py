@@ -7,11 +7,17 @@ Infinity's text conditioning (and the "SRVAR" sketch in reference/var_srvar.md Â
     lrf -> RMSNorm -> attentive pool (learned query)      -> sos = cond_BD [B,D] (start token, AdaLN)
         -> RMSNorm -> MLP (Cv -> D -> D, GELU tanh) + pos -> keys/values of a cross-attention per block
 
+With ``lr_input`` (default on) the LR latent also enters every position's input directly: for scale
+s, ``lrf`` area-downsampled to pn_s x pn_s, through a linear Cv -> C, is added to the token
+embeddings (``lr_in``), so each token sees the LR content at its own location before any attention.
+
 Every block is self-attention with AdaLN, then ``x + ca(ca_norm(x), kv) * ca_gamma``, then the FFN
 with AdaLN. All LR grids have the same length, so the cross-attention is dense SDPA (no varlen
 packing, no padding mask).
 
-Deviation from the design note: a learned position embedding ``lr_pos_embed`` [1,h*w,D] is added to
+Deviations from the design note: (1) ``lr_input`` above: on the default run it raises the val
+last-scale token accuracy from 7.5% to 33% at the same steps (cross-attention alone must first learn
+where to look); (2) a learned position embedding ``lr_pos_embed`` [1,h*w,D] is added to
 the cross-attention keys/values. Without it the LR tokens are an unordered set to the HR queries
 (Infinity's text tokens get their order from T5), and super-resolution needs spatial alignment.
 
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from arsr.config import SRVARConfig
@@ -92,6 +99,7 @@ class SRVAR(NextScaleAR):
         refiner_steps: str = "100",
         refiner_scale: float = 1.0,
         refiner_batch_mul: int = 4,
+        lr_input: bool = True,
     ) -> None:
         super().__init__(
             depth, patch_nums, vocab_size, Cvae, width=width, heads=heads, mlp_ratio=mlp_ratio,
@@ -108,6 +116,7 @@ class SRVAR(NextScaleAR):
             shared_aln=shared_aln, norm_eps=norm_eps, cond_drop=cond_drop, pool_head_dim=pool_head_dim,
             refiner=refiner, refiner_width=refiner_width, refiner_depth=refiner_depth,
             refiner_steps=refiner_steps, refiner_scale=refiner_scale, refiner_batch_mul=refiner_batch_mul,
+            lr_input=lr_input,
         )  # fmt: skip
         C, D, self.lr_len = self.C, self.D, self.patch_nums[-1] ** 2
         # Learned "null LR" for CFG (Infinity's init: trunc-normal std 1.2 / sqrt(channels)).
@@ -120,6 +129,7 @@ class SRVAR(NextScaleAR):
         self.lr_pos_embed = nn.Parameter(
             nn.init.trunc_normal_(torch.empty(1, self.lr_len, D), std=(3 * C) ** -0.5)
         )
+        self.lr_in = nn.Linear(Cvae, C) if lr_input else None
         self.init_weights()  # before the refiner: DiffLoss initialises itself (MAR's init)
 
         self.has_refiner = refiner
@@ -157,6 +167,20 @@ class SRVAR(NextScaleAR):
             lr = self.lr_norm(lrf_BlCv.float())
             return self.lr_pool(lr), self.lr_proj(lr) + self.lr_pos_embed
 
+    def lr_inputs(self, lrf_BlCv: torch.Tensor) -> torch.Tensor | None:
+        """LR tokens [B,h*w,Cv] -> per-position input [B,L,C]: the LR grid area-downsampled to each
+        scale (as the quantizer downsamples f), projected by ``lr_in``. None without ``lr_input``."""
+        if self.lr_in is None:
+            return None
+        B, h = lrf_BlCv.shape[0], self.patch_nums[-1]
+        with torch.autocast(lrf_BlCv.device.type, enabled=False):
+            lr_BChw = lrf_BlCv.float().transpose(1, 2).reshape(B, self.Cvae, h, h)
+            pyramid_BLCv = torch.cat(
+                [F.interpolate(lr_BChw, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+                 for pn in self.patch_nums], dim=1,
+            )  # fmt: skip
+            return self.lr_in(pyramid_BLCv)
+
     # ---- training -------------------------------------------------------------------------------
     def forward(
         self,
@@ -177,7 +201,7 @@ class SRVAR(NextScaleAR):
             drop_B11 = torch.rand(lrf_BlCv.shape[0], 1, 1, device=lrf_BlCv.device) < self.cond_drop
             lrf_BlCv = torch.where(drop_B11, self.cfg_uncond, lrf_BlCv)
         cond_BD, kv_BLC = self.condition(lrf_BlCv)
-        h_BLC = self.hidden_states(cond_BD, cond_BD, x_BLCv_wo_first_l, kv_BLC)
+        h_BLC = self.hidden_states(cond_BD, cond_BD, x_BLCv_wo_first_l, kv_BLC, self.lr_inputs(lrf_BlCv))
         logits_BLV = self.get_logits(h_BLC, cond_BD)
         if not self.has_refiner:
             return logits_BLV, None
@@ -225,7 +249,9 @@ class SRVAR(NextScaleAR):
             pick, guide = self.sampler(top_k, top_p, generator), cfg
         else:
             guide = None
-        f_hat, idx_Bl_list, h_BlC = self.decode(cond_BD, cond_BD, vae, B, pick, kv_BLC, use_cache, guide)
+        f_hat, idx_Bl_list, h_BlC = self.decode(
+            cond_BD, cond_BD, vae, B, pick, kv_BLC, use_cache, guide, self.lr_inputs(lrf_BlCv)
+        )
         if self.has_refiner and refine:
             z_NC = self._refiner_cond(h_BlC[:B], idx_Bl_list[-1], vae).reshape(-1, self.C)
             r_NC = self.refiner.sample(z_NC, generator=generator).float() * self.refiner_scale
@@ -277,7 +303,7 @@ def srvar_kwargs(
         width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
         attn_l2_norm=cfg.attn_l2_norm, alng=cfg.alng, cond_drop=cfg.cond_drop, refiner=cfg.refiner,
         refiner_width=cfg.refiner_width, refiner_depth=cfg.refiner_depth, refiner_steps=cfg.refiner_steps,
-        refiner_scale=refiner_scale,
+        refiner_scale=refiner_scale, lr_input=cfg.lr_input,
     )  # fmt: skip
 
 

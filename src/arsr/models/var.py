@@ -253,13 +253,19 @@ class NextScaleAR(nn.Module):
         cond_BD: torch.Tensor,
         x_BLCv_wo_first_l: torch.Tensor,
         kv_BLC: torch.Tensor | None = None,
+        in_BLC: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Teacher-forced pass over all L positions -> last block's output h_BLC [B,L,C]."""
+        """Teacher-forced pass over all L positions -> last block's output h_BLC [B,L,C].
+
+        ``in_BLC`` [B,L,C] (optional) is added to the input embedding of every position (SRVAR's
+        aligned LR input)."""
         B = x_BLCv_wo_first_l.shape[0]
         with torch.autocast(x_BLCv_wo_first_l.device.type, enabled=False):  # embeddings in fp32, as VAR
             sos_BlC = sos_BD.float()[:, None].expand(B, self.first_l, -1) + self.pos_start
             x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x_BLC = x_BLC + self.lvl_embed(self.lvl_1L) + self.pos_1LC
+            if in_BLC is not None:
+                x_BLC = x_BLC + in_BLC.float()
             cond = self.shared_ada_lin(cond_BD.float())
         return self._blocks(x_BLC, cond, self.attn_plan(), kv_BLC)
 
@@ -285,6 +291,7 @@ class NextScaleAR(nn.Module):
         kv_BLC: torch.Tensor | None = None,
         use_cache: bool = True,
         cfg: float | None = None,
+        in_BLC: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Generate scale by scale -> (f_hat_BChw, idx_Bl per scale, last scale's hidden states [nB,l,C]).
 
@@ -293,12 +300,15 @@ class NextScaleAR(nn.Module):
         [B,l,V] with t = cfg * si/(SN-1) (no guidance at scale 0) when ``cfg`` is given, else the
         raw logits [nB,l,V]. With ``use_cache`` each step feeds only the new scale (no mask needed);
         without it the whole prefix is recomputed under the block-causal mask (same numbers).
+        ``in_BLC`` [nB,L,C] is added to every position's input, as in :meth:`hidden_states`.
         """
         quant, SN, pn_last = vae.quantize, len(self.patch_nums), self.patch_nums[-1]
         nB, rep = sos_BD.shape[0], sos_BD.shape[0] // B
         fp32 = torch.autocast(sos_BD.device.type, enabled=False)  # embeddings in fp32, as in hidden_states
         with fp32:
             lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+            if in_BLC is not None:  # [nB,L,C]: broadcasts like lvl_pos_1LC, row for row
+                lvl_pos_1LC = lvl_pos_1LC + in_BLC.float()
             cond = self.shared_ada_lin(cond_BD.float())
             sos_BlC = sos_BD.float()[:, None].expand(nB, self.first_l, -1) + self.pos_start
             next_BlC = sos_BlC + lvl_pos_1LC[:, : self.first_l]
@@ -323,7 +333,7 @@ class NextScaleAR(nn.Module):
                     nbg, ned = self.begin_ends[si + 1]
                     with fp32:
                         next_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2).float())
-                    next_BlC = (next_BlC + lvl_pos_1LC[:, nbg:ned]).repeat(rep, 1, 1)
+                    next_BlC = next_BlC.repeat(rep, 1, 1) + lvl_pos_1LC[:, nbg:ned]
         finally:
             self._kv_caching(False)
         return f_hat, idx_Bl_list, h_BlC
