@@ -12,7 +12,7 @@ import pytest
 from imagezoo import photo
 
 from arsr.data.imresize import imresize
-from arsr.eval.tiling import BicubicUpscaler, tile_starts, upscale_image
+from arsr.eval.tiling import BicubicUpscaler, tile_starts, upscale_image, upscale_images
 
 PUBLISHED = {  # shared/data/sr_benchmarks/README.md
     "y-float": {2: (33.66, 0.9299), 3: (30.39, 0.8682), 4: (28.42, 0.8104)},
@@ -45,6 +45,15 @@ def test_tiled_upscale_of_a_non_square_image_has_no_seams() -> None:
     for y in seams_y:
         assert abs(diff[y - 2 : y + 2].mean()) < 1.0, f"row seam at y={y}"
     assert np.abs(diff).mean() < 1.0
+
+
+def test_tiles_of_several_images_batched_together_equal_one_by_one() -> None:
+    up = BicubicUpscaler(hr_size=64, scale=4)
+    lrs = [photo(45, 70, 3), photo(10, 12, 4), photo(16, 33, 5)]  # one smaller than a tile
+    together = upscale_images(lrs, up, overlap_hr=16, batch_size=7)
+    for lr, sr in zip(lrs, together):
+        assert sr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
+        assert np.array_equal(sr, upscale_image(lr, up, overlap_hr=16, batch_size=3))
 
 
 @pytest.mark.parametrize("protocol", ["rgb-uint8", "y-float"])

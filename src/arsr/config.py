@@ -186,6 +186,7 @@ class EvalConfig(Section):
     protocol: Literal["rgb-uint8", "y-float"] = "rgb-uint8"
     max_val_images: int = Field(0, ge=0, description="0 = all val crops")
     tile_overlap: int = Field(16, ge=0)
+    batch_size: int = Field(16, ge=1, description="tiles super-resolved together")
     srvar_cfg: float = Field(0.0, ge=0)
     srvar_top_k: int = Field(0, ge=0, description="0 = off")
     srvar_top_p: float = Field(0.0, ge=0, le=1, description="0 = off")

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from arsr.config import EvalConfig, Params, section_dict
 from arsr.data.imresize import imresize, modcrop
@@ -32,7 +31,7 @@ from arsr.data.loader import load_shard_stats
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
 from arsr.data.sources import IMAGE_SUFFIXES, ImageError, SourceImage, load_rgb
 from arsr.eval.metrics import score_bicubic, score_y
-from arsr.eval.tiling import upscale_image
+from arsr.eval.tiling import upscale_images
 from arsr.io import atomic_write_bytes, write_json
 from arsr.stages.common import EVAL_DIR, RUNS_DIR, SHARDS_DIR, StageError, stage_main
 from arsr.stages.upscale import VQVAEReconstructor, load_upscaler, load_vqvae
@@ -85,13 +84,14 @@ def _rgb(img: np.ndarray) -> np.ndarray:
     return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
 
 
-def super_resolve(method: str, img: EvalImage, scale: int, upscalers: dict, cfg: EvalConfig) -> np.ndarray:
+def super_resolve(method: str, images: list[EvalImage], upscalers: dict, cfg: EvalConfig) -> list[np.ndarray]:
+    """SR outputs of one method for all images (their tiles batched together)."""
     if method == "bicubic":
-        return imresize(img.lr, output_shape=img.hr.shape[:2])
-    up = upscalers[method]
-    src = _rgb(img.hr) if method == "vqvae_rec" else _rgb(img.lr)
-    sr = upscale_image(src, up, overlap_hr=cfg.tile_overlap, seed=cfg.seed)
-    return sr[..., 0] if img.hr.ndim == 2 else sr  # a grey benchmark is scored on grey values
+        return [imresize(img.lr, output_shape=img.hr.shape[:2]) for img in images]
+    srcs = [_rgb(img.hr) if method == "vqvae_rec" else _rgb(img.lr) for img in images]
+    up, ov = upscalers[method], cfg.tile_overlap
+    srs = upscale_images(srcs, up, overlap_hr=ov, batch_size=cfg.batch_size, seed=cfg.seed, desc=method)
+    return [sr[..., 0] if img.hr.ndim == 2 else sr for sr, img in zip(srs, images)]  # grey stays grey
 
 
 def score(method: str, img: EvalImage, sr: np.ndarray, scale: int, protocol: str) -> tuple[float, float]:
@@ -116,14 +116,14 @@ def evaluate(
     samples_dir: Path | None = None,
     num_samples: int = 0,
 ) -> tuple[pd.DataFrame, list]:
+    outputs = {m: super_resolve(m, images, upscalers, cfg) for m in methods}
     rows, grids = [], []
-    for i, img in enumerate(tqdm(images, desc="evaluate", unit="img", disable=None)):
-        outputs = {m: super_resolve(m, img, scale, upscalers, cfg) for m in methods}
-        for m, sr in outputs.items():
-            p, s = score(m, img, sr, scale, cfg.protocol)
+    for i, img in enumerate(images):
+        for m in methods:
+            p, s = score(m, img, outputs[m][i], scale, cfg.protocol)
             rows.append({"dataset": img.dataset, "image": img.name, "method": m, "psnr": p, "ssim": s})
         if samples_dir is not None and i < num_samples:
-            grid = sample_grid(img, outputs, scale)
+            grid = sample_grid(img, {m: outputs[m][i] for m in methods}, scale)
             buf = io.BytesIO()
             Image.fromarray(grid).save(buf, format="PNG")
             atomic_write_bytes(samples_dir / f"{img.dataset}_{img.name}.png", buf.getvalue())

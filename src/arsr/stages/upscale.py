@@ -119,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"upscale: skipped {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        sr = upscale_image(lr, upscaler, overlap_hr=eval_cfg.tile_overlap, seed=eval_cfg.seed, device=device)
+        sr = upscale_image(
+            lr, upscaler, eval_cfg.tile_overlap, eval_cfg.batch_size, seed=eval_cfg.seed, device=device
+        )
         Image.fromarray(np.ascontiguousarray(sr)).save(out_dir / f"{path.stem}_x{upscaler.scale}.png")
     print(
         f"upscale: {len(inputs) - failed} image(s) -> {out_dir}"
