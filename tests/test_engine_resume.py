@@ -145,3 +145,16 @@ def test_sigterm_with_loader_workers_checkpoints(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "on signal SIGTERM: checkpoint saved" in out, err[-2000:]
     assert safe_load(tmp_path / "out" / "accum1" / "ckpt" / "last.pt")["step"] >= 3
+
+
+def test_a_failing_stage_with_loader_workers_exits_instead_of_hanging(tmp_path: Path) -> None:
+    """The workers ignore SIGTERM (above), which is how Python's exit stops them: a stage failing
+    mid-run with workers alive must still end (the engine stops them; they also leave on their own
+    a while after a SIGTERM)."""
+    w.write_shards(tmp_path / "shards")
+    cmd = [*w.plain_cmd(), "--out", str(tmp_path / "out"), "--steps", "50", "--batch", "4",
+           "--shards", str(tmp_path / "shards"), "--workers", "2", "--fail", "0:3"]  # fmt: skip
+    t0 = time.monotonic()
+    proc = w.launch(cmd, timeout=45, env=w.launch_env())
+    assert proc.returncode != 0 and "fails on purpose at step 3" in proc.stderr
+    assert time.monotonic() - t0 < 40

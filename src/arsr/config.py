@@ -51,6 +51,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     max_bad_steps: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
     deterministic: bool = False
+    compile: bool = Field(False, description="torch.compile the training forward (GPU; minutes to build)")
     workers: int = Field(2, ge=0, description="data-loader workers per rank")
 
     @model_validator(mode="after")

@@ -24,8 +24,10 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import signal
 import tarfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -161,11 +163,32 @@ class _TrainStream(IterableDataset):
             yield default_collate(batch)
 
 
+# How long a worker keeps serving after a SIGTERM: long enough for the trainer to finish its step
+# and checkpoint, short enough that a parent stuck joining its workers at exit is not stuck forever.
+WORKER_TERM_GRACE_S = 60.0
+
+
+def _exit_later(signum: int, frame: Any) -> None:
+    timer = threading.Timer(WORKER_TERM_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers ignore SIGTERM/SIGUSR1: torchrun and SLURM signal the whole process group, and
-    the trainer must get to write its checkpoint before the workers go (it stops them itself)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Workers outlive SIGTERM for a grace period and ignore SIGUSR1: torchrun and SLURM signal the
+    whole process group, and the trainer must get to write its checkpoint before the workers go
+    (it stops them itself). After the grace period a worker exits anyway: a parent that failed
+    joins its daemonic workers at exit after a SIGTERM, and would wait forever."""
+    signal.signal(signal.SIGTERM, _exit_later)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def stop_workers(it: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now (what its ``__del__`` does). Call it when
+    a loop over the iterator ends by an exception: the traceback keeps the iterator alive."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _check_shards(urls: list[str], world_size: int, workers: int) -> None:

@@ -6,7 +6,8 @@ linearly across each overlap (a tile's own border pixels count little, so no sea
 where two tiles meet). Images smaller than one tile are edge-padded and cropped back.
 
 An :class:`Upscaler` is anything with ``hr_size``, ``scale`` and
-``__call__(lr_B3hw, seed) -> hr_B3HW`` on tensors in [-1, 1]; see the SRVAR/MAR stages.
+``__call__(lr_B3hw, seed) -> hr_B3HW`` on tensors in [-1, 1]; see the SRVAR/MAR stages. Tiles
+go to the upscaler's ``device`` attribute when it has one (else the CPU).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def upscale_images(
     overlap_hr: int = 16,
     batch_size: int = 16,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     desc: str | None = None,
 ) -> list[np.ndarray]:
     """Super-resolve uint8 RGB images [h, w, 3] of any sizes -> [h*scale, w*scale, 3] uint8 each.
@@ -95,6 +96,7 @@ def upscale_images(
     """
     s, t_hr = upscaler.scale, upscaler.hr_size
     t_lr, ov_lr = t_hr // s, max(0, overlap_hr // s)
+    device = device or getattr(upscaler, "device", "cpu")
     win = blend_window(t_hr, ov_lr * s)
     win2d = (win[:, None] * win[None, :])[..., None]
     padded, canvas, weight, tiles = [], [], [], []  # tiles: (image index, y, x) in LR pixels
@@ -126,7 +128,7 @@ def upscale_image(
     overlap_hr: int = 16,
     batch_size: int = 16,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Super-resolve one uint8 RGB image [h, w, 3] of any size to [h*scale, w*scale, 3] uint8."""
     return upscale_images([lr], upscaler, overlap_hr, batch_size, seed, device)[0]

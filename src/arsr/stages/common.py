@@ -12,10 +12,13 @@ exit with status 2 and one line ``arsr <stage>: error: ...`` instead of a traceb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from arsr.config import ConfigError, Params, load_params, section_dict
 from arsr.train.checkpoint import CheckpointError, hash_paths
@@ -26,6 +29,13 @@ TOKENS_DIR = Path("data/tokens")
 RUNS_DIR = Path("runs")
 EVAL_DIR = Path("eval")
 REPORTS_DIR = Path("reports")
+
+
+def default_device() -> torch.device:
+    """Where a single-process stage (tokenize, evaluate, upscale) runs: the GPU when there is one.
+    ``ARSR_DEVICE`` (e.g. ``cpu``) overrides."""
+    name = os.environ.get("ARSR_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 class StageError(RuntimeError):

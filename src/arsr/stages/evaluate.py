@@ -33,7 +33,7 @@ from arsr.data.sources import IMAGE_SUFFIXES, ImageError, SourceImage, load_rgb
 from arsr.eval.metrics import score_bicubic, score_y
 from arsr.eval.tiling import upscale_images
 from arsr.io import atomic_write_bytes, write_json
-from arsr.stages.common import EVAL_DIR, RUNS_DIR, SHARDS_DIR, StageError, stage_main
+from arsr.stages.common import EVAL_DIR, RUNS_DIR, SHARDS_DIR, StageError, default_device, stage_main
 from arsr.stages.upscale import VQVAEReconstructor, load_upscaler, load_vqvae
 from arsr.train.checkpoint import load_model_file
 
@@ -144,13 +144,14 @@ def summarize(per_image: pd.DataFrame) -> dict:
 
 
 def load_upscalers(methods: list[str], model_dir: Path, cfg: EvalConfig, hr_size: int) -> dict:
-    ups = {}
+    """The models of ``methods`` (bicubic needs none), on the GPU when there is one."""
+    ups, device = {}, default_device()
     for m in methods:
         if m == "vqvae_rec":
-            vq = load_vqvae(load_model_file(model_dir / "vqvae" / "model.pt", "vqvae"))
+            vq = load_vqvae(load_model_file(model_dir / "vqvae" / "model.pt", "vqvae"), device)
             ups[m] = VQVAEReconstructor(vq, hr_size)
         elif m in ("srvar", "mar"):
-            ups[m] = load_upscaler(model_dir / m / "model.pt", cfg)
+            ups[m] = load_upscaler(model_dir / m / "model.pt", cfg, device)
     return ups
 
 

@@ -36,6 +36,13 @@ def rendezvous_port(job_id: str) -> int:
     return 20000 + int(job_id) % 20000
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA); asks the driver without creating a context."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _first_host(nodelist: str) -> str:
     if shutil.which("scontrol"):
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
@@ -129,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         nproc = getattr(load_params(params_file), SECTIONS[stage]).train.nproc
     except ConfigError as err:
         print(f"arsr {stage}: error: {err}", file=sys.stderr)
+        return 2
+    gpus = visible_gpus()
+    if 0 < gpus < nproc:  # NCCL cannot put two ranks on one GPU
+        print(
+            f"arsr {stage}: error: {SECTIONS[stage]}.train.nproc: {nproc} ranks per node but {gpus} GPU(s) "
+            f"visible; set it to {gpus} (e.g. dvc exp run -S {SECTIONS[stage]}.train.nproc={gpus}); the "
+            "global batch_size stays the same",
+            file=sys.stderr,
+        )
         return 2
     env = complete_slurm_env(dict(os.environ))
     cmd = build_command(stage, nproc, env, extra)

@@ -45,7 +45,7 @@ from arsr.data.loader import count_samples, load_shard_stats, to_unit_range
 from arsr.data.shards import SPLITS, decode_png, iter_tar_samples, shard_urls
 from arsr.io import file_sha256, write_json
 from arsr.models.vqvae import VQVAE
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, stage_main
+from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, default_device, stage_main
 from arsr.train.checkpoint import load_model_file
 
 INT16_MAX_VOCAB = 2**15  # idx is stored as int16
@@ -78,12 +78,13 @@ def encode_batch(vae: VQVAE, samples: list[dict]) -> tuple[list[dict], np.ndarra
     hr = np.stack([decode_png(s["hr.png"]) for s in samples])
     size = hr.shape[1]
     lr_up = np.stack([upsample_lr(decode_png(s["lr.png"]), size) for s in samples])
-    x_hr = torch.stack([to_unit_range(a) for a in hr])
-    x_lr = torch.stack([to_unit_range(a) for a in lr_up])
+    device = next(vae.parameters()).device
+    x_hr = torch.stack([to_unit_range(a) for a in hr]).to(device)
+    x_lr = torch.stack([to_unit_range(a) for a in lr_up]).to(device)
     f_BChw = vae.img_to_f(x_hr)
-    idx_BL = torch.cat(vae.f_to_idxBl(f_BChw), dim=1).to(torch.int16).numpy()
-    f16 = f_BChw.to(torch.float16).numpy()
-    lrf16 = vae.img_to_f(x_lr).to(torch.float16).numpy()
+    idx_BL = torch.cat(vae.f_to_idxBl(f_BChw), dim=1).to(torch.int16).cpu().numpy()
+    f16 = f_BChw.to(torch.float16).cpu().numpy()
+    lrf16 = vae.img_to_f(x_lr).to(torch.float16).cpu().numpy()
     out = [
         {
             "__key__": s["__key__"],
@@ -105,7 +106,10 @@ _worker: dict[str, Any] = {}
 
 def _init_worker(model_path: str, batch_size: int, counter: Any) -> None:
     torch.set_num_threads(1)  # one thread per process: bytes independent of the worker count
-    _worker.update(vae=load_vqvae(model_path), batch_size=batch_size, counter=counter)
+    vae = load_vqvae(model_path).to(
+        default_device()
+    )  # a GPU's numbers differ from the CPU's in the last bits
+    _worker.update(vae=vae, batch_size=batch_size, counter=counter)
 
 
 def _tick(n: int) -> None:

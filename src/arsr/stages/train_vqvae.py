@@ -71,7 +71,8 @@ def decode_hr(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def to_uint8(x_B3HW: torch.Tensor) -> np.ndarray:
     """[-1, 1] images -> uint8 [B, H, W, 3] (rounded; exact for images decoded from PNG)."""
-    return ((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    x_uint8 = ((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x_uint8.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def augment(x_B3HW: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ class VQVAEReconstructor:
 
     def __init__(self, vqvae: VQVAE, hr_size: int):
         self.vqvae, self.hr_size = vqvae, hr_size
+        self.device = next(vqvae.parameters()).device
 
     @torch.no_grad()
     def __call__(self, hr_B3HW: torch.Tensor, seed: int) -> torch.Tensor:

@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arsr.config import TrainConfig
+from arsr.data.loader import stop_workers
 from arsr.io import atomic_write_text
 from arsr.train.checkpoint import (
     CKPT_FORMAT,
@@ -264,6 +265,8 @@ class Trainer:
                 **_NO_BUFFER_SYNC,
                 find_unused_parameters=self.find_unused_parameters,
             )
+        if cfg.compile:  # the step's forward/backward only; checkpoints and EMA use self.model
+            self.ddp_model = torch.compile(self.ddp_model)
         if d.is_main:
             PlotWriter(self.out_dir / "plots").truncate_after(self.step)
         run_id = state.get("wandb_id") if state is not None else None
@@ -370,13 +373,17 @@ class Trainer:
         ema_model = self.ema.model
         if self.val_fn is not None and self.make_val_iter is not None:
             sums: dict[str, list[float]] = {}
-            for batch in self.make_val_iter():
-                with self._autocast():
-                    out = self.val_fn(ema_model, to_device(batch, self.dist.device))
-                for k, (s, n) in out.items():
-                    acc = sums.setdefault(k, [0.0, 0.0])
-                    acc[0] += float(s)
-                    acc[1] += float(n)
+            val_iter = iter(self.make_val_iter())
+            try:
+                for batch in val_iter:
+                    with self._autocast():
+                        out = self.val_fn(ema_model, to_device(batch, self.dist.device))
+                    for k, (s, n) in out.items():
+                        acc = sums.setdefault(k, [0.0, 0.0])
+                        acc[0] += float(s)
+                        acc[1] += float(n)
+            finally:
+                stop_workers(val_iter)
             self.val_metrics = merge_sums(all_gather_object(sums))
         if not self.dist.is_main:
             return
@@ -465,7 +472,7 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 previous[sig] = signal.signal(sig, self._on_signal)
-        progress, exit_code = None, 1
+        progress, exit_code, train_iter = None, 1, None
         try:
             rng_state = self._setup()
             if self.step < cfg.max_steps:
@@ -504,6 +511,7 @@ class Trainer:
             barrier()
             exit_code = 0
         finally:
+            stop_workers(train_iter)
             if progress is not None:
                 progress.close()
             self.wandb.finish(exit_code=exit_code)
