@@ -5,6 +5,7 @@
 # importable (src/ is put on PYTHONPATH). Timings and metrics go to $OUT (default: a temp folder).
 #
 #   SHARDS=path/to/data/shards bash benchmarks/gpu_check.sh   # reuse shards (else the shard stage runs)
+#   MAX_STEPS=30 MICRO=0 bash benchmarks/gpu_check.sh           # quick: short training, no VAR-d16 part
 set -euo pipefail
 ROOT=$PWD
 OUT=${OUT:-$(mktemp -d)}
@@ -14,12 +15,16 @@ WORK=$(mktemp -d)
 cp params.yaml "$WORK/"
 cd "$WORK"
 NGPU=$(python -c 'import torch; print(torch.cuda.device_count())')
-python - "$NGPU" <<'EOF'
+python - "$NGPU" "${MAX_STEPS:-0}" <<'EOF'
 import sys, yaml
 p = yaml.safe_load(open("params.yaml"))
 for s in ("vqvae", "srvar", "mar"):
     p[s]["train"]["nproc"] = int(sys.argv[1])
 p["srvar"]["train"]["compile"] = True
+if int(sys.argv[2]):
+    for s in ("vqvae", "srvar", "mar"):
+        t = p[s]["train"]
+        t.update(max_steps=int(sys.argv[2]), warmup_steps=1, val_every=int(sys.argv[2]), ckpt_every=10**6)
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -36,4 +41,4 @@ done
 cp eval/metrics.json "$OUT/metrics.json"
 python -c 'import json; [print(d, m, v) for d, r in json.load(open("eval/metrics.json")).items() for m, v in r.items()]'
 cd "$ROOT"
-python benchmarks/gpu_check.py --json "$OUT/gpu_check.json"
+[[ ${MICRO:-1} == 0 ]] || python benchmarks/gpu_check.py --json "$OUT/gpu_check.json"
