@@ -114,6 +114,23 @@ def sha_tree(folder: Path) -> dict[str, str]:
     }
 
 
+def dag_rules_and_metrics(proj: Path) -> tuple[list[str], list[Path]]:
+    """Every dvc.yaml stage as its Snakemake rule name (as the Snakefile derives it), and every
+    declared ``metrics.json`` (relative paths)."""
+    from dvc.repo import Repo
+
+    with Repo(str(proj)) as repo:
+        stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
+        rules = sorted(s.name.replace("@", "__") for s in stages)
+        metrics = sorted(
+            Path(o.fs_path).relative_to(proj)
+            for s in stages
+            for o in s.outs
+            if Path(o.fs_path).name == "metrics.json"
+        )
+    return rules, metrics
+
+
 @pytest.fixture(scope="session")
 def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proj = make_project(tmp_path_factory.mktemp("dvc"), TINY_PARAMS)

@@ -153,6 +153,19 @@ def test_ddim_reverse_then_forward_round_trips():
     assert errors[""] < errors["ddim100"] / 5
 
 
+@pytest.mark.parametrize("spec", ["", "ddim50"])
+def test_ddim_round_trip_with_the_oracle_epsilon_is_within_1e3(spec):
+    """The oracle epsilon of the p_sample_loop test (data = the point x0): every DDIM step predicts
+    x0 exactly, so inversion then sampling returns x0 up to float error (issue: 1e-3)."""
+    base = create_diffusion("")
+    x0 = torch.randn(32, 16, generator=_gen(4))
+    model = _point_mass_oracle(base, x0)
+    d = create_diffusion(spec)
+    x_T = d.ddim_reverse_sample_loop(model, x0)
+    assert (x_T - x0).abs().max() > 0.5  # it went somewhere
+    assert (d.ddim_sample_loop(model, x_T) - x0).abs().max() < 1e-3
+
+
 def test_ddim_stochastic_is_seeded():
     d = create_diffusion("ddim10")
     model = _gaussian_oracle(create_diffusion(""), torch.zeros(4), torch.ones(4))

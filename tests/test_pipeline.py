@@ -6,11 +6,12 @@ shares them (the slow part of the suite).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 # Shared with test_slurm.py: the fixtures dvc_project/smk_project come from conftest.py.
-from pipeline_fixtures import ROOT, TINY_PARAMS, make_project, run, sha_tree  # noqa: F401
+from pipeline_fixtures import ROOT, TINY_PARAMS, dag_rules_and_metrics, make_project, run, sha_tree  # noqa: F401
 
 
 def test_second_dvc_repro_does_nothing_quickly(dvc_project: Path) -> None:
@@ -25,6 +26,10 @@ def test_snakemake_builds_byte_identical_shards_and_dvc_accepts_them(
     dvc_project: Path, smk_project: Path
 ) -> None:
     assert sha_tree(smk_project / "data" / "shards") == sha_tree(dvc_project / "data" / "shards")
+    _rules, metrics = dag_rules_and_metrics(dvc_project)
+    assert len(metrics) >= 4  # the training stages' and evaluate's
+    for rel in metrics:  # the tiny DAG trains in deterministic mode: the same numbers
+        assert json.loads((smk_project / rel).read_text()) == json.loads((dvc_project / rel).read_text()), rel
     run(["dvc", "commit", "-f"], smk_project)
     status = run(["dvc", "status"], smk_project).stdout
     assert "up to date" in status, status

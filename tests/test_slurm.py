@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import TINY_PARAMS, make_project, run, sha_tree
+from pipeline_fixtures import TINY_PARAMS, dag_rules_and_metrics, make_project, run, sha_tree
 
 from arsr.stages.launch import build_command, rendezvous_port
 
@@ -75,23 +75,6 @@ def _cancel_jobs_in(proj: Path) -> None:
     ]
     if live:
         subprocess.run(["scancel", *live], check=False, timeout=30)
-
-
-def dag_rules_and_metrics(proj: Path) -> tuple[list[str], list[Path]]:
-    """Every dvc.yaml stage as its Snakemake rule name (as the Snakefile derives it), and every
-    declared ``metrics.json`` (relative paths)."""
-    from dvc.repo import Repo
-
-    with Repo(str(proj)) as repo:
-        stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
-        rules = sorted(s.name.replace("@", "__") for s in stages)
-        metrics = sorted(
-            Path(o.fs_path).relative_to(proj)
-            for s in stages
-            for o in s.outs
-            if Path(o.fs_path).name == "metrics.json"
-        )
-    return rules, metrics
 
 
 @pytest.fixture(scope="session")
