@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from stage_helpers import one_thread  # noqa: F401 (autouse)
 
 from arsr.cli import main as arsr_main
 from arsr.config import EvalConfig, SRVARConfig, TrainConfig, load_params
@@ -49,15 +50,6 @@ TINY = {
               "train": {"nproc": 2, "workers": 1, "max_steps": STEPS, "batch_size": 4, "base_lr": 0.05,
                         "val_every": 2, "log_every": 1, "ckpt_every": 100}},
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: a second intra-op thread only adds spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------

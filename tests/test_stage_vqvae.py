@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from stage_helpers import one_thread, write_params_file  # noqa: F401 (one_thread: autouse)
 
 from arsr.cli import main as arsr_main
 from arsr.config import load_params
@@ -45,26 +45,8 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: a second intra-op thread only adds spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_params(folder: Path, **over) -> Path:
-    params = yaml.safe_load(yaml.safe_dump(TINY))
-    for dotted, value in over.items():
-        node = params
-        *path, last = dotted.split(".")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = value
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return write_params_file(folder, TINY, **over)
 
 
 @pytest.fixture(scope="module")
