@@ -312,3 +312,17 @@ def test_ema_averages_parameters_and_copies_buffers() -> None:
     ema.update(model, step=1000)
     assert torch.equal(ema.model.mask, model.mask)  # -inf stays -inf, no NaN
     assert torch.allclose(ema.model.weight, model.weight - 0.9)
+
+
+def test_input_fingerprints_ignore_runner_bookkeeping(tmp_path: Path) -> None:
+    """A folder written by Snakemake holds a .snakemake_timestamp; its fingerprint must equal DVC's,
+    or a checkpoint made under one runner would be 'stale' under the other."""
+    from arsr.train.checkpoint import hash_paths
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"data")
+    before = hash_paths(tmp_path / "shards")
+    (tmp_path / "shards" / ".snakemake_timestamp").write_bytes(b"")
+    assert hash_paths(tmp_path / "shards") == before
+    (tmp_path / "shards" / "train-000001.tar").write_bytes(b"more")
+    assert hash_paths(tmp_path / "shards") != before

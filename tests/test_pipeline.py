@@ -11,8 +11,10 @@ import math
 import time
 from pathlib import Path
 
-# Shared with test_slurm.py: the fixtures dvc_project/smk_project come from conftest.py.
+# The fixtures dvc_project/smk_project come from conftest.py (shared with test_slurm.py).
 from pipeline_fixtures import ROOT, TINY_PARAMS, dag_rules_and_metrics, make_project, run, sha_tree  # noqa: F401
+
+from arsr.train.checkpoint import safe_load
 
 
 def test_second_dvc_repro_does_nothing_quickly(dvc_project: Path) -> None:
@@ -34,6 +36,11 @@ def test_snakemake_builds_byte_identical_shards_and_dvc_accepts_them(
         assert smk.keys() == dvc.keys(), rel
         # Losses and val metrics come out bit-equal; a grad norm once differed in the 7th digit.
         assert all(math.isclose(smk[k], dvc[k], rel_tol=1e-6) for k in smk), (rel, smk, dvc)
+    for stage in ("vqvae", "srvar", "mar"):  # the same inputs: a checkpoint resumes under either runner
+        fingerprints = [
+            safe_load(p / "runs" / stage / "model.pt")["fingerprint"] for p in (smk_project, dvc_project)
+        ]
+        assert fingerprints[0] == fingerprints[1], stage
     run(["dvc", "commit", "-f"], smk_project)
     status = run(["dvc", "status"], smk_project).stdout
     assert "up to date" in status, status

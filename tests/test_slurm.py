@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import TINY_PARAMS, dag_rules_and_metrics, make_project, run, sha_tree
 
-from arsr.stages.launch import build_command, rendezvous_port
+from arsr.stages.launch import build_command, rendezvous_port, threads_per_rank
 
 SMK_TIMEOUT_S = 1500  # the whole tiny DAG on 2 CPUs, plus ~10-40 s of SLURM status polling per stage
 # The first cluster test also builds the local reference run (smk_project) when no other test has.
@@ -191,6 +191,14 @@ def test_launch_from_a_multi_node_batch_script_reenters_once_per_node() -> None:
     assert cmd[0] == "srun"
     assert {"--nodes=3", "--ntasks-per-node=1", "--cpus-per-task=8", "--kill-on-bad-exit=1"} <= set(cmd)
     assert cmd[-4:] == ["-m", "arsr.stages.launch", "train_vqvae", "--foo"]
+
+
+def test_threads_per_rank_share_the_cpus_this_process_may_use() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert threads_per_rank(1, {}) == cpus
+    assert threads_per_rank(2, {}) == max(1, cpus // 2)
+    assert threads_per_rank(10 * cpus, {}) == 1
+    assert threads_per_rank(2, {"ARSR_THREADS_PER_RANK": "3"}) == 3
 
 
 def test_launch_outside_slurm() -> None:

@@ -36,6 +36,18 @@ def rendezvous_port(job_id: str) -> int:
     return 20000 + int(job_id) % 20000
 
 
+def threads_per_rank(nproc: int, env: dict[str, str]) -> int:
+    """Intra-op threads for each of ``nproc`` ranks: the CPUs this process may use, shared out.
+
+    Exported as OMP_NUM_THREADS and MKL_NUM_THREADS so that every runner trains the same way:
+    torchrun's default is 1 per rank, Snakemake exports the rule's ``threads``, a plain process
+    takes every core. ``ARSR_THREADS_PER_RANK`` overrides."""
+    if env.get("ARSR_THREADS_PER_RANK"):
+        return max(1, int(env["ARSR_THREADS_PER_RANK"]))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, nproc))
+
+
 def visible_gpus() -> int:
     """CUDA devices this process sees (0 without CUDA); asks the driver without creating a context."""
     import torch
@@ -148,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = complete_slurm_env(dict(os.environ))
     cmd = build_command(stage, nproc, env, extra)
+    if cmd[0] != "srun":  # (a multi-node batch script: the launcher run on each node decides)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads_per_rank(nproc, env))
     if "SLURM_JOB_ID" in env and cmd[0] != "srun":
         # Inherited across exec by torchrun and its workers; the engine installs its own handler.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)

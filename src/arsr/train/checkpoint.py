@@ -74,12 +74,19 @@ def fingerprint_id(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# Runner bookkeeping inside output folders, not data: Snakemake marks every directory() output.
+NOT_DATA = frozenset({".snakemake_timestamp"})
+
+
 def hash_paths(*paths: str | Path) -> dict[str, str]:
-    """sha256 of each file (a folder: of its files' relative names and contents), for fingerprints."""
+    """sha256 of each file (a folder: of its files' relative names and contents), for fingerprints.
+    A folder hashes the same whichever runner (DVC, Snakemake) wrote it."""
     out = {}
     for p in map(Path, paths):
         h = hashlib.sha256()
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        files = [p]
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.name not in NOT_DATA)
         for f in files:
             h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
             with open(f, "rb") as fh:
