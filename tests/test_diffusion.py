@@ -110,6 +110,26 @@ def test_p_sample_loop_with_oracle_returns_x0(spec):
         assert (out - x0).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("spec", ["", "ddim10", "25"])
+def test_p_sample_loop_equals_step_by_step_p_sample(spec):
+    """The loop's scalar fast path gives exactly the numbers of the general per-row p_sample."""
+    d = create_diffusion(spec)
+    net = SimpleMLPAdaLN(in_channels=4, width=32, out_channels=8, z_channels=6, depth=2)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    c = torch.randn(16, 6, generator=_gen(1))
+    model = lambda x, t: net(x, t, c)  # noqa: E731
+    x_T = torch.randn(16, 4, generator=_gen(2))
+    gen_fast = _gen(3)
+    fast = d.p_sample_loop(model, x_T, temperature=0.9, generator=gen_fast)
+    x, g = x_T, _gen(3)
+    with torch.no_grad():
+        for i in reversed(range(d.num_timesteps)):
+            x = d.p_sample(model, x, torch.full((16,), i, dtype=torch.long), 0.9, generator=g)
+    assert torch.equal(fast, x)
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=gen_fast))
+
+
 def test_p_sample_loop_respacing_uses_original_timesteps():
     """If the respaced chain called the net with its own indices, the oracle's eps would be wrong."""
     base, d = create_diffusion(""), create_diffusion("20")

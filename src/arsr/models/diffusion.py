@@ -251,11 +251,29 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Ancestral sampling from x_T (pure noise, [N, C, ...]) down to x_0."""
-        x = x_T
+        """Ancestral sampling from x_T (pure noise, [N, C, ...]) down to x_0.
+
+        Every row shares the step, so the schedule's values enter as Python scalars instead of
+        per-row gathers (the same numbers as :meth:`p_sample`, a few ops per step instead of ~25:
+        a tenth of MAR's sampling time at the reference's tiny size).
+        """
+        x, tab = x_T, self._np
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x = self.p_sample(model, x, t, temperature, clip_denoised, generator)
+            if clip_denoised:  # the general path (rare)
+                x = self.p_sample(model, x, t, temperature, clip_denoised, generator)
+                continue
+            eps, v = model(x, self.original_timesteps(t)).to(x.dtype).chunk(2, dim=1)
+            x0 = float(tab["sqrt_recip_ab"][i]) * x - float(tab["sqrt_recipm1_ab"][i]) * eps
+            mean = float(tab["post_coef1"][i]) * x0 + float(tab["post_coef2"][i]) * x
+            noise = randn_like(x, generator)  # also on the last step: the generator advances as in p_sample
+            if i == 0:  # no noise on the last step
+                x = mean
+                continue
+            log_beta, post_logvar = float(tab["log_betas"][i]), float(tab["post_logvar"][i])
+            frac = (v + 1) / 2  # as _split_output
+            logvar = frac * log_beta + (1 - frac) * post_logvar
+            x = mean + (0.5 * logvar).exp() * noise * temperature
         return x
 
     def ddim_sample(
