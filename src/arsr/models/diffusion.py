@@ -254,8 +254,7 @@ class GaussianDiffusion:
         """Ancestral sampling from x_T (pure noise, [N, C, ...]) down to x_0.
 
         Every row shares the step, so the schedule's values enter as Python scalars instead of
-        per-row gathers (the same numbers as :meth:`p_sample`, a few ops per step instead of ~25:
-        a tenth of MAR's sampling time at the reference's tiny size).
+        per-row gathers: the same numbers as :meth:`p_sample` in fewer ops per step.
         """
         x, tab = x_T, self._np
         for i in reversed(range(self.num_timesteps)):

@@ -106,9 +106,9 @@ class SRVAR(NextScaleAR):
             drop_path=drop_path, attn_l2_norm=attn_l2_norm, alng=alng, shared_aln=shared_aln,
             norm_eps=norm_eps, cond_drop=cond_drop, cross_attn=True,
         )  # fmt: skip
-        # A finite "minus infinity" in the block-causal mask: weight averaging over the state dict
-        # (the trainer's EMA lerps every float tensor) turns -inf into NaN (-inf - -inf), which would
-        # poison the averaged model's teacher-forced pass. softmax gives exactly 0 either way.
+        # A finite "minus infinity" in the block-causal mask: any arithmetic over the state dict
+        # (weight averaging, checkpoint checks for non-finite values) stays finite; -inf - -inf is NaN.
+        # softmax gives exactly 0 either way.
         self.attn_bias_for_masking.clamp_(min=torch.finfo(torch.float32).min)
         self._config = dict(
             depth=depth, patch_nums=list(self.patch_nums), vocab_size=vocab_size, Cvae=Cvae, width=width,

@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from arsr.config import ConfigError, Params, load_params, section_dict
+from arsr.data.loader import train_loader
 from arsr.train.checkpoint import CheckpointError, hash_paths
+from arsr.train.dist import DistInfo
 
 # DAG paths (DESIGN §1); stages take them as defaults of their CLI options.
 SHARDS_DIR = Path("data/shards")
@@ -78,3 +80,15 @@ def fingerprint(stage: str, params: Params, section: str, inputs: list[str | Pat
         section: section_dict(getattr(params, section)),
         "inputs": hash_paths(*inputs),
     }
+
+
+def rank_train_iters(
+    urls: list[str], decode: Callable[[dict], dict], micro_batch: int, seed: int, dist: DistInfo, workers: int
+) -> Callable[[int], Iterator]:
+    """The engine's ``make_train_iter`` for this rank: ``start_micro_step -> iterator`` of micro-batches."""
+    return lambda k: iter(
+        train_loader(
+            urls, decode=decode, micro_batch=micro_batch, seed=seed, rank=dist.rank,
+            world_size=dist.world_size, workers=workers, start_step=k,
+        )
+    )  # fmt: skip

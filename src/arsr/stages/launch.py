@@ -161,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     env = complete_slurm_env(dict(os.environ))
     cmd = build_command(stage, nproc, env, extra)
     if cmd[0] != "srun":  # (a multi-node batch script: the launcher run on each node decides)
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(threads_per_rank(nproc, env))
-    if "SLURM_JOB_ID" in env and cmd[0] != "srun":
-        # Inherited across exec by torchrun and its workers; the engine installs its own handler.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        threads = str(threads_per_rank(nproc, env))
+        os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if "SLURM_JOB_ID" in env:
+            # Inherited across exec by torchrun and its workers; the engine installs its own handler.
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     print("launch:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached

@@ -46,6 +46,7 @@ from arsr.data.shards import SPLITS, decode_png, iter_tar_samples, shard_urls
 from arsr.io import file_sha256, write_json
 from arsr.models.vqvae import VQVAE
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, default_device, stage_main
+from arsr.stages.upscale import load_vqvae as load_vqvae_file
 from arsr.train.checkpoint import load_model_file
 
 INT16_MAX_VOCAB = 2**15  # idx is stored as int16
@@ -58,12 +59,9 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_vqvae(path: str | Path) -> VQVAE:
+def load_vqvae(path: str | Path, device: torch.device | str = "cpu") -> VQVAE:
     """The frozen tokenizer (EMA weights) of a ``train_vqvae`` model.pt."""
-    d = load_model_file(path, kind="vqvae")
-    vae = VQVAE(**d["config"])
-    vae.load_state_dict(d["state_dict"])
-    return vae.freeze()
+    return load_vqvae_file(load_model_file(path, kind="vqvae"), device)
 
 
 def upsample_lr(lr_HWC: np.ndarray, size: int) -> np.ndarray:
@@ -106,9 +104,7 @@ _worker: dict[str, Any] = {}
 
 def _init_worker(model_path: str, batch_size: int, counter: Any) -> None:
     torch.set_num_threads(1)  # one thread per process: bytes independent of the worker count
-    vae = load_vqvae(model_path).to(
-        default_device()
-    )  # a GPU's numbers differ from the CPU's in the last bits
+    vae = load_vqvae(model_path, default_device())  # GPU bytes differ from CPU bytes in the last bits
     _worker.update(vae=vae, batch_size=batch_size, counter=counter)
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ from arsr.data.loader import (
     eval_loader,
     load_shard_stats,
     to_unit_range,
-    train_loader,
 )
 from arsr.data.shards import shard_urls
 from arsr.eval.metrics import psnr, y_uint8
@@ -59,7 +58,15 @@ from arsr.eval.tiling import to_uint8
 from arsr.io import file_sha256
 from arsr.models.mar import MAR, build_mar_sr, mar_sr_kwargs
 from arsr.models.vqvae import VQVAE
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, fingerprint, stage_main
+from arsr.stages.common import (
+    RUNS_DIR,
+    SHARDS_DIR,
+    TOKENS_DIR,
+    StageError,
+    fingerprint,
+    rank_train_iters,
+    stage_main,
+)
 from arsr.stages.tokenize import upsample_lr
 from arsr.stages.upscale import load_vqvae
 from arsr.train.checkpoint import load_model_file
@@ -312,14 +319,6 @@ def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Pat
         loss = mar_loss(model, batch, norm, use_labels)
         return loss, {"diff_loss": loss.detach()}
 
-    def train_iter(k: int) -> Iterator:
-        return iter(
-            train_loader(
-                train_urls, decode=decode_tokens, micro_batch=mb, seed=params.seed, rank=dist.rank,
-                world_size=dist.world_size, workers=tcfg.workers, start_step=k,
-            )
-        )  # fmt: skip
-
     preview = None
     if dist.is_main:
         pairs = first_val_pairs(shards, NUM_PREVIEWS)
@@ -332,7 +331,7 @@ def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Pat
         model_config=kwargs,
         cfg=tcfg,
         loss_fn=loss_fn,
-        make_train_iter=train_iter,
+        make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, tcfg.workers),
         out_dir=out,
         fingerprint=fingerprint("train_mar", params, "mar", [tokens, vqvae_path, shards / "stats.json"]),
         seed=params.seed,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +38,18 @@ import torch
 from torch import nn
 
 from arsr.config import EvalConfig, Params, SRVARConfig
-from arsr.data.loader import decode_tokens, eval_loader, to_unit_range, train_loader
+from arsr.data.loader import decode_tokens, eval_loader, to_unit_range
 from arsr.data.shards import shard_urls
 from arsr.eval.tiling import to_uint8
 from arsr.io import file_sha256
 from arsr.models.srvar import SRVAR, build_srvar, init_from, last_scale_residual, srvar_loss
 from arsr.models.vqvae import VQVAE
-from arsr.stages.common import RUNS_DIR, TOKENS_DIR, StageError, fingerprint, stage_main
+from arsr.stages.common import RUNS_DIR, TOKENS_DIR, StageError, fingerprint, rank_train_iters, stage_main
 from arsr.stages.tokenize import upsample_lr
 from arsr.stages.upscale import load_vqvae
 from arsr.train.checkpoint import load_model_file
-from arsr.train.dist import DistInfo, cleanup, init_distributed, print0, unwrap
-from arsr.train.engine import Trainer, micro_batch_size
+from arsr.train.dist import cleanup, init_distributed, print0, unwrap
+from arsr.train.engine import Trainer, micro_batch_size, to_device
 from arsr.train.logging import WandbRun
 
 NUM_VAL_SAMPLES = 4  # val samples drawn for the W&B grids at every validation
@@ -179,15 +178,6 @@ def build_model(cfg: SRVARConfig, vae: VQVAE, refiner_scale: float) -> SRVAR:
     return model
 
 
-def _train_iter(urls: list[str], mb: int, seed: int, dist: DistInfo, workers: int, k: int) -> Iterator:
-    return iter(
-        train_loader(
-            urls, decode=decode_tokens, micro_batch=mb, seed=seed, rank=dist.rank,
-            world_size=dist.world_size, workers=workers, start_step=k,
-        )
-    )  # fmt: skip
-
-
 def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
     cfg, tcfg = params.srvar, params.srvar.train
     tokens, vqvae_path, out = Path(args.tokens), Path(args.vqvae), Path(args.out)
@@ -211,7 +201,7 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
 
     def on_val(step: int, ema_model: nn.Module, run: WandbRun) -> None:
         if run.enabled:  # sampling costs time: only when someone will look at it
-            grid = sample_grid(unwrap(ema_model), vae, _to(samples, dist.device), seed=params.seed)
+            grid = sample_grid(unwrap(ema_model), vae, to_device(samples, dist.device), seed=params.seed)
             run.log_images(
                 "val/samples", [grid], captions=["LR (tokenizer view) | SRVAR | HR (tokens)"], step=step
             )
@@ -229,7 +219,7 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
         model_config=model.model_config(),
         cfg=tcfg,
         loss_fn=make_loss_fn(vae, cfg),
-        make_train_iter=lambda k: _train_iter(train_urls, mb, params.seed, dist, tcfg.workers, k),
+        make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, tcfg.workers),
         out_dir=out,
         fingerprint=fp,
         seed=params.seed,
@@ -246,10 +236,6 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
     result = trainer.fit()
     cleanup()
     return result.val
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def run(args: argparse.Namespace, params: Params) -> dict[str, float]:

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from arsr.config import Params, VQVAEConfig, section_dict
-from arsr.data.loader import eval_loader, to_unit_range, train_loader
+from arsr.data.loader import eval_loader, to_unit_range
 from arsr.data.shards import decode_png, shard_urls
 from arsr.eval.metrics import psnr, y_uint8
 from arsr.io import atomic_write_text
 from arsr.models.vqvae import VQVAE, build_vqvae, load_official, vqvae_kwargs
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, stage_main
+from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, rank_train_iters, stage_main
 from arsr.train.checkpoint import save_model_file
 from arsr.train.dist import DistInfo, all_reduce_sum_, cleanup, init_distributed, print0, unwrap
 from arsr.train.engine import Trainer, micro_batch_size
@@ -269,7 +269,7 @@ def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str
         model_config=vae.model_config(),
         cfg=tcfg,
         loss_fn=loss_fn,
-        make_train_iter=lambda k: _train_iter(train_urls, mb, params.seed, dist, tcfg.workers, k),
+        make_train_iter=rank_train_iters(train_urls, decode_hr, mb, params.seed, dist, tcfg.workers),
         out_dir=out,
         fingerprint=fingerprint("train_vqvae", params, "vqvae", [shards]),
         seed=params.seed,
@@ -283,15 +283,6 @@ def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str
     result = trainer.fit()
     cleanup()
     return result.val
-
-
-def _train_iter(urls: list[str], mb: int, seed: int, dist: DistInfo, workers: int, k: int) -> Iterator:
-    return iter(
-        train_loader(
-            urls, decode=decode_hr, micro_batch=mb, seed=seed, rank=dist.rank,
-            world_size=dist.world_size, workers=workers, start_step=k,
-        )
-    )  # fmt: skip
 
 
 def run(args: argparse.Namespace, params: Params) -> dict[str, float]:
