@@ -80,10 +80,6 @@ def decode_tokens(sample: Sample) -> Sample:
     }
 
 
-def decode_json(data: bytes) -> dict:
-    return json.loads(data)
-
-
 # --------------------------------------------------------------------------------------
 # Splitting and counting
 # --------------------------------------------------------------------------------------

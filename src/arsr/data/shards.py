@@ -15,7 +15,6 @@ import io
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,6 @@ from PIL import Image
 from arsr.data.imresize import imresize
 
 SPLITS = ("train", "val")
-
-
-@dataclass(frozen=True)
-class Crop:
-    key: str
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the (EXIF-rotated) source image
 
 
 def crop_grid(height: int, width: int, size: int, stride: int, max_crops: int, seed: int) -> list[tuple]:

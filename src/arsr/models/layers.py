@@ -195,8 +195,7 @@ class AdaLNSelfAttn(nn.Module):
     """VAR's block: AdaLN-modulated self-attention and FFN, each residual scaled by a gamma.
 
     The six modulation vectors come from one Linear in the order gamma1, gamma2, scale1, scale2,
-    shift1, shift2 (VAR's order; official checkpoints depend on it). With ``shared_aln`` they are a
-    learned ``ada_gss`` plus the model's shared projection of the condition instead.
+    shift1, shift2 (VAR's order; official checkpoints depend on it).
     """
 
     def __init__(
@@ -208,7 +207,6 @@ class AdaLNSelfAttn(nn.Module):
         drop_path: float = 0.0,
         attn_l2_norm: bool = True,
         norm_eps: float = 1e-6,
-        shared_aln: bool = False,
     ) -> None:
         super().__init__()
         self.C = C
@@ -216,15 +214,10 @@ class AdaLNSelfAttn(nn.Module):
         self.ffn = FFN(C, round(C * mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path)
-        if shared_aln:
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / math.sqrt(C))
-        else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * C))
 
     def ada_params(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """cond [B,D] (or [B,1,6,C] with shared_aln) -> g1, g2, scale1, scale2, shift1, shift2 [B,1,C]."""
-        if hasattr(self, "ada_gss"):
-            return (self.ada_gss + cond).unbind(2)
+        """cond [B,D] -> g1, g2, scale1, scale2, shift1, shift2 [B,1,C]."""
         return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
 
     def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, plan: AttnPlan | None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """MAR: masked autoregression over continuous latent tokens with a diffusion loss (Li et al. 2024).
 
 Two modes share one module:
-- class mode (``lr_channels=0``): the paper's class-conditional MAR. ``mar_base/large/huge`` have
-  the official state-dict layout, so ``load_official`` reads the released checkpoints.
+- class mode (``lr_channels=0``): the paper's class-conditional MAR. ``MAR_B/L/H`` have the
+  official state-dict layout, so ``load_official`` reads the released checkpoints.
 - SR mode (``lr_channels=Cv``): MAR-SR, conditioned on an LR latent grid ``lrf [B, Cv, h, w]``
   aligned with the HR grid (DESIGN section 4):
   (a) the LR tokens are projected and added at every position of the encoder input and of the
@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Lt
 from torch import Tensor
 
-from arsr.config import MARConfig
 from arsr.models.diffloss import DiffLoss
 
 
@@ -140,39 +141,75 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
 # --------------------------------------------------------------------------------------
 # MAR
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MARConfig:
+    """MAR's hyperparameters: params.yaml's ``mar.model`` (the defaults are the CPU default run's;
+    :data:`MAR_B` and friends are the paper's), stored in ``model.pt``. The grid, token and LR
+    widths and the class count are facts of the data and the tokenizer: the constructor takes them."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # params.yaml: an unknown key is an error
+
+    patch_size: Annotated[int, Ge(1)] = 1  # latent positions per token side (MAR: 1; 2 for 512 px)
+    encoder_dim: Annotated[int, Ge(8)] = 128
+    encoder_depth: Annotated[int, Ge(1)] = 2
+    encoder_heads: Annotated[int, Ge(1)] = 4
+    decoder_dim: Annotated[int, Ge(8)] = 128
+    decoder_depth: Annotated[int, Ge(1)] = 2
+    decoder_heads: Annotated[int, Ge(1)] = 4
+    mlp_ratio: Annotated[float, Gt(0)] = 4.0
+    buffer_size: Annotated[int, Ge(1)] = 16  # slots holding the class / pooled-LR vector
+    mask_ratio_min: Annotated[float, Gt(0), Lt(1)] = 0.7  # ratio ~ N(1, 0.25) truncated to [min, 1]
+    cond_drop: Annotated[float, Ge(0), Lt(1)] = 0.1  # per-sample condition drop (CFG)
+    attn_dropout: Annotated[float, Ge(0), Lt(1)] = 0.1
+    proj_dropout: Annotated[float, Ge(0), Lt(1)] = 0.1
+    diffloss_depth: Annotated[int, Ge(1)] = 2
+    diffloss_width: Annotated[int, Ge(8)] = 128
+    # IDDPM's plain "N" spacing keeps t=999 (alpha_bar ~ 2e-9 with the cosine cap), which amplifies
+    # a briefly trained head's error ~1000x; DDIM striding ends at t=960 and is stable.
+    num_sampling_steps: str = "ddim10"  # respaced diffusion steps at sampling
+    diffusion_batch_mul: Annotated[int, Ge(1)] = 4  # noise draws per token in training
+
+    def __post_init__(self) -> None:
+        for side in ("encoder", "decoder"):
+            dim, heads = getattr(self, f"{side}_dim"), getattr(self, f"{side}_heads")
+            if dim % heads:
+                raise ValueError(f"{side}_dim: {dim} is not divisible by {side}_heads {heads}")
+
+
+# The paper's models (class mode: 256 px, 16x16 grid of 16-channel KL latents, 1000 classes, 64 buffer
+# slots, DiffLoss "100" steps).
+_PAPER = dict(buffer_size=64, diffloss_depth=3, diffloss_width=1024, num_sampling_steps="100")
+MAR_B = MARConfig(**_PAPER | dict(encoder_dim=768, encoder_depth=12, encoder_heads=12, decoder_dim=768,
+                                  decoder_depth=12, decoder_heads=12, diffloss_depth=6))  # 207.9M params
+MAR_L = MARConfig(**_PAPER | dict(encoder_dim=1024, encoder_depth=16, encoder_heads=16, decoder_dim=1024,
+                                  decoder_depth=16, decoder_heads=16, diffloss_depth=8,
+                                  diffloss_width=1280))  # 478.3M params
+MAR_H = MARConfig(**_PAPER | dict(encoder_dim=1280, encoder_depth=20, encoder_heads=16, decoder_dim=1280,
+                                  decoder_depth=20, decoder_heads=16, diffloss_depth=12,
+                                  diffloss_width=1536))  # 942.4M params
+
+
 class MAR(nn.Module):
     """Masked autoregressive model with a diffusion head; class mode or SR mode (module docstring).
 
-    ``MAR(**model.kwargs)`` rebuilds the same architecture (store ``kwargs`` in checkpoints).
+    ``config`` holds the hyperparameters; ``grid_size`` (latent side h = w), ``token_channels``,
+    ``lr_channels`` (0: class mode) and ``num_classes`` come from the data and the tokenizer.
     """
 
     def __init__(
         self,
+        config: MARConfig,
         *,
-        grid_size: int = 16,
-        token_channels: int = 16,
-        patch_size: int = 1,
+        grid_size: int,
+        token_channels: int,
         lr_channels: int = 0,
-        num_classes: int = 1000,
-        encoder_dim: int = 1024,
-        encoder_depth: int = 16,
-        encoder_heads: int = 16,
-        decoder_dim: int = 1024,
-        decoder_depth: int = 16,
-        decoder_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        buffer_size: int = 64,
-        mask_ratio_min: float = 0.7,
-        cond_drop: float = 0.1,
-        attn_dropout: float = 0.1,
-        proj_dropout: float = 0.1,
-        diffloss_depth: int = 3,
-        diffloss_width: int = 1024,
-        num_sampling_steps: str = "100",
-        diffusion_batch_mul: int = 4,
+        num_classes: int = 0,
     ):
         super().__init__()
-        self.kwargs: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        c = self.config = config
+        patch_size, buffer_size = c.patch_size, c.buffer_size
+        De, Dd = c.encoder_dim, c.decoder_dim
+        encoder_heads, decoder_heads = c.encoder_heads, c.decoder_heads
         assert grid_size % patch_size == 0, f"grid {grid_size} is not divisible by patch {patch_size}"
         self.patch_size = patch_size
         self.token_channels = token_channels
@@ -183,10 +220,9 @@ class MAR(nn.Module):
         self.lr_dim = lr_channels * patch_size**2
         self.num_classes = num_classes
         self.buffer_size = buffer_size
-        self.mask_ratio_min = mask_ratio_min
-        self.cond_drop = cond_drop
-        self.diffusion_batch_mul = diffusion_batch_mul
-        De, Dd = encoder_dim, decoder_dim
+        self.mask_ratio_min = c.mask_ratio_min
+        self.cond_drop = c.cond_drop
+        self.diffusion_batch_mul = c.diffusion_batch_mul
 
         # Registration order gives the official state-dict order for class mode.
         self.fake_latent = nn.Parameter(torch.zeros(1, De))  # the learned null condition (CFG)
@@ -204,16 +240,20 @@ class MAR(nn.Module):
 
         self.z_proj = nn.Linear(self.token_dim, De)
         self.z_proj_ln = nn.LayerNorm(De, eps=1e-6)
-        blk = dict(mlp_ratio=mlp_ratio, attn_drop=attn_dropout, proj_drop=proj_dropout)
-        self.encoder_blocks = nn.ModuleList([Block(De, encoder_heads, **blk) for _ in range(encoder_depth)])
+        blk = dict(mlp_ratio=c.mlp_ratio, attn_drop=c.attn_dropout, proj_drop=c.proj_dropout)
+        self.encoder_blocks = nn.ModuleList([Block(De, encoder_heads, **blk) for _ in range(c.encoder_depth)])
         self.encoder_norm = nn.LayerNorm(De, eps=1e-6)
         self.decoder_embed = nn.Linear(De, Dd)
-        self.decoder_blocks = nn.ModuleList([Block(Dd, decoder_heads, **blk) for _ in range(decoder_depth)])
+        self.decoder_blocks = nn.ModuleList([Block(Dd, decoder_heads, **blk) for _ in range(c.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.initialize_weights()
 
         # Built after initialize_weights so the head keeps its own (zero) init.
-        self.diffloss = DiffLoss(self.token_dim, Dd, diffloss_depth, diffloss_width, num_sampling_steps)
+        self.diffloss = DiffLoss(self.token_dim, Dd, c.diffloss_depth, c.diffloss_width, c.num_sampling_steps)
+
+    def model_config(self) -> dict[str, Any]:
+        """``model.pt``'s config: ``MAR(MARConfig(**m.model_config()), <data facts>)`` rebuilds it."""
+        return asdict(self.config)
 
     def initialize_weights(self) -> None:
         for p in (
@@ -473,60 +513,3 @@ class MAR(nn.Module):
                 f"{len(unexpected)} unexpected {unexpected[:5]}, {len(shapes)} shape mismatches {shapes[:5]}"
             )
         self.load_state_dict(state, strict=True)
-
-
-# --------------------------------------------------------------------------------------
-# Builders
-# --------------------------------------------------------------------------------------
-def mar_base(**kwargs: Any) -> MAR:
-    """MAR-B: 12+12 blocks x 768, DiffLoss 6 x 1024 (207.9M params with 1000 classes)."""
-    arch = dict(encoder_dim=768, encoder_depth=12, encoder_heads=12, decoder_dim=768, decoder_depth=12)
-    return MAR(**(arch | dict(decoder_heads=12, diffloss_depth=6, diffloss_width=1024) | kwargs))
-
-
-def mar_large(**kwargs: Any) -> MAR:
-    """MAR-L: 16+16 blocks x 1024, DiffLoss 8 x 1280 (478.3M params)."""
-    arch = dict(encoder_dim=1024, encoder_depth=16, encoder_heads=16, decoder_dim=1024, decoder_depth=16)
-    return MAR(**(arch | dict(decoder_heads=16, diffloss_depth=8, diffloss_width=1280) | kwargs))
-
-
-def mar_huge(**kwargs: Any) -> MAR:
-    """MAR-H: 20+20 blocks x 1280, DiffLoss 12 x 1536 (942.4M params)."""
-    arch = dict(encoder_dim=1280, encoder_depth=20, encoder_heads=16, decoder_dim=1280, decoder_depth=20)
-    return MAR(**(arch | dict(decoder_heads=16, diffloss_depth=12, diffloss_width=1536) | kwargs))
-
-
-def mar_sr_kwargs(
-    cfg: MARConfig, latent_channels: int, grid_size: int, num_classes: int = 0
-) -> dict[str, Any]:
-    """Constructor kwargs of MAR-SR from the ``mar`` params section.
-
-    ``latent_channels`` (Cv) is both the HR token and the LR condition width (one tokenizer);
-    ``grid_size`` is the latent grid side h = w (hr_size / tokenizer downsample).
-    """
-    return dict(
-        grid_size=grid_size,
-        token_channels=latent_channels,
-        patch_size=cfg.patch_size,
-        lr_channels=latent_channels,
-        num_classes=num_classes,
-        encoder_dim=cfg.width,
-        encoder_depth=cfg.encoder_depth,
-        encoder_heads=cfg.heads,
-        decoder_dim=cfg.width,
-        decoder_depth=cfg.decoder_depth,
-        decoder_heads=cfg.heads,
-        buffer_size=cfg.buffer_size,
-        mask_ratio_min=cfg.mask_ratio_min,
-        cond_drop=cfg.cond_drop,
-        attn_dropout=cfg.attn_dropout,
-        proj_dropout=cfg.proj_dropout,
-        diffloss_depth=cfg.diffloss_depth,
-        diffloss_width=cfg.diffloss_width,
-        num_sampling_steps=cfg.num_sampling_steps,
-        diffusion_batch_mul=cfg.diffusion_batch_mul,
-    )
-
-
-def build_mar_sr(cfg: MARConfig, latent_channels: int, grid_size: int, num_classes: int = 0) -> MAR:
-    return MAR(**mar_sr_kwargs(cfg, latent_channels, grid_size, num_classes))

@@ -252,12 +252,6 @@ class MultiScaleQuantizer(nn.Module):
             ema.mul_(self.usage_decay).add_(hit_SV, alpha=1 - self.usage_decay)
         return hit_SV
 
-    def ema_usage(self, threshold: float = 0.03) -> torch.Tensor:
-        """[SN] fraction of codes whose EMA hit count at that scale is >= ``threshold`` x the mean
-        per-code count at that scale (a smoothed, batch-size-free version of the batch usage)."""
-        ema = self.ema_vocab_hit_SV
-        return (ema >= threshold * ema.mean(dim=1, keepdim=True)).float().mean(dim=1)
-
     @torch.no_grad()
     def restart_dead_codes(
         self, f_BChw: torch.Tensor, generator: torch.Generator, threshold: float = 0.03

@@ -32,15 +32,15 @@ residual the last scale's code misses; see :meth:`SRVAR.forward` and :func:`last
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Lt
 from torch import nn
 
-from arsr.config import SRVARConfig
 from arsr.models.diffloss import DiffLoss
 from arsr.models.layers import AttentivePool, RMSNorm
 from arsr.models.var import (
@@ -74,78 +74,79 @@ def last_scale_residual(
     return f_BChw.float() - f_hat
 
 
+@dataclass(frozen=True)
+class SRVARConfig:
+    """SRVAR's hyperparameters: params.yaml's ``srvar.model`` (the defaults are the CPU default run's),
+    stored in ``model.pt``. The tokenizer's facts (patch_nums, vocab_size, Cvae) are not
+    hyperparameters: the constructor takes them from the VQVAE the tokens were made with."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # params.yaml: an unknown key is an error
+
+    depth: Annotated[int, Ge(1)] = 2  # transformer blocks (VAR-d16: 16)
+    width: Annotated[int, Ge(0)] = 128  # 0 = 64 x depth (VAR's rule)
+    heads: Annotated[int, Ge(0)] = 2  # 0 = depth (VAR's rule: head dim 64)
+    mlp_ratio: Annotated[float, Gt(0)] = 4.0
+    drop_path: Annotated[float, Ge(0), Lt(1)] = 0.0  # VAR: 0.1 x depth / 24
+    attn_l2_norm: bool = True
+    alng: Annotated[float, Gt(0)] = 1e-3  # AdaLN gamma init scale
+    norm_eps: Annotated[float, Gt(0)] = 1e-6
+    cond_drop: Annotated[float, Ge(0), Lt(1)] = 0.1  # per-sample LR-condition dropout (CFG)
+    lr_input: bool = True  # the LR latent pyramid added to every position's input
+    pool_head_dim: Annotated[int, Ge(1)] = 8  # attentive pool of the LR tokens
+    refiner: bool = False  # diffusion head on the last scale
+    refiner_width: Annotated[int, Ge(8)] = 128
+    refiner_depth: Annotated[int, Ge(1)] = 2
+    refiner_steps: str = "ddim10"  # respaced diffusion steps at inference
+    refiner_batch_mul: Annotated[int, Ge(1)] = 4  # noise draws per token in training
+
+
 class SRVAR(NextScaleAR):
     """LR-conditioned VAR. Inputs: ``lrf`` [B,Cv,h,w] or [B,h*w,Cv] with h = w = patch_nums[-1]."""
 
     def __init__(
         self,
-        depth: int,
+        config: SRVARConfig,
         patch_nums: Sequence[int],
         vocab_size: int,
         Cvae: int,
-        width: int = 0,
-        heads: int = 0,
-        mlp_ratio: float = 4.0,
-        drop_path: float | None = None,
-        attn_l2_norm: bool = True,
-        alng: float = 1e-3,
-        shared_aln: bool = False,
-        norm_eps: float = 1e-6,
-        cond_drop: float = 0.1,
-        pool_head_dim: int = 8,
-        refiner: bool = False,
-        refiner_width: int = 256,
-        refiner_depth: int = 3,
-        refiner_steps: str = "100",
         refiner_scale: float = 1.0,
-        refiner_batch_mul: int = 4,
-        lr_input: bool = True,
     ) -> None:
+        c = self.config = config
         super().__init__(
-            depth, patch_nums, vocab_size, Cvae, width=width, heads=heads, mlp_ratio=mlp_ratio,
-            drop_path=drop_path, attn_l2_norm=attn_l2_norm, alng=alng, shared_aln=shared_aln,
-            norm_eps=norm_eps, cond_drop=cond_drop, cross_attn=True,
+            c.depth, patch_nums, vocab_size, Cvae, width=c.width, heads=c.heads, mlp_ratio=c.mlp_ratio,
+            drop_path=c.drop_path, attn_l2_norm=c.attn_l2_norm, alng=c.alng, norm_eps=c.norm_eps,
+            cond_drop=c.cond_drop, cross_attn=True,
         )  # fmt: skip
         # A finite "minus infinity" in the block-causal mask: any arithmetic over the state dict
         # (weight averaging, checkpoint checks for non-finite values) stays finite; -inf - -inf is NaN.
         # softmax gives exactly 0 either way.
         self.attn_bias_for_masking.clamp_(min=torch.finfo(torch.float32).min)
-        self._config = dict(
-            depth=depth, patch_nums=list(self.patch_nums), vocab_size=vocab_size, Cvae=Cvae, width=width,
-            heads=heads, mlp_ratio=mlp_ratio, drop_path=drop_path, attn_l2_norm=attn_l2_norm, alng=alng,
-            shared_aln=shared_aln, norm_eps=norm_eps, cond_drop=cond_drop, pool_head_dim=pool_head_dim,
-            refiner=refiner, refiner_width=refiner_width, refiner_depth=refiner_depth,
-            refiner_steps=refiner_steps, refiner_scale=refiner_scale, refiner_batch_mul=refiner_batch_mul,
-            lr_input=lr_input,
-        )  # fmt: skip
         C, D, self.lr_len = self.C, self.D, self.patch_nums[-1] ** 2
+        norm_eps = c.norm_eps
         # Learned "null LR" for CFG (Infinity's init: trunc-normal std 1.2 / sqrt(channels)).
         self.cfg_uncond = nn.Parameter(
             nn.init.trunc_normal_(torch.empty(self.lr_len, Cvae), std=1.2) / Cvae**0.5
         )
         self.lr_norm = RMSNorm(Cvae, eps=norm_eps)
-        self.lr_pool = AttentivePool(Cvae, D, head_dim=pool_head_dim)
+        self.lr_pool = AttentivePool(Cvae, D, head_dim=c.pool_head_dim)
         self.lr_proj = nn.Sequential(nn.Linear(Cvae, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.lr_pos_embed = nn.Parameter(
             nn.init.trunc_normal_(torch.empty(1, self.lr_len, D), std=(3 * C) ** -0.5)
         )
-        self.lr_in = nn.Linear(Cvae, C) if lr_input else None
+        self.lr_in = nn.Linear(Cvae, C) if c.lr_input else None
         self.init_weights()  # before the refiner: DiffLoss initialises itself (MAR's init)
 
-        self.has_refiner = refiner
-        if refiner:
-            self.refiner_batch_mul = refiner_batch_mul
+        self.has_refiner = c.refiner
+        if c.refiner:
             self.refiner_norm = nn.LayerNorm(C, eps=norm_eps)
-            self.refiner = DiffLoss(Cvae, C, refiner_depth, refiner_width, refiner_steps)
+            self.refiner = DiffLoss(Cvae, C, c.refiner_depth, c.refiner_width, c.refiner_steps)
             # Targets are divided by this (std of the residual on training tokens); kept in the state dict.
             self.register_buffer("refiner_scale", torch.tensor(float(refiner_scale)))
 
     def model_config(self) -> dict[str, Any]:
-        """Constructor kwargs (JSON-able): ``SRVAR(**m.model_config())`` rebuilds this architecture."""
-        cfg = dict(self._config)
-        if self.has_refiner:
-            cfg["refiner_scale"] = float(self.refiner_scale)
-        return cfg
+        """``model.pt``'s config: ``SRVAR(SRVARConfig(**m.model_config()), <tokenizer facts>)``
+        rebuilds this architecture (the refiner's target scale is a buffer: it comes with the weights)."""
+        return asdict(self.config)
 
     def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
         """VAR's rule, plus the whole refiner (MAR exempts its diffusion head the same way)."""
@@ -201,7 +202,7 @@ class SRVAR(NextScaleAR):
             drop_B11 = torch.rand(lrf_BlCv.shape[0], 1, 1, device=lrf_BlCv.device) < self.cond_drop
             lrf_BlCv = torch.where(drop_B11, self.cfg_uncond, lrf_BlCv)
         cond_BD, kv_BLC = self.condition(lrf_BlCv)
-        h_BLC = self.hidden_states(cond_BD, cond_BD, x_BLCv_wo_first_l, kv_BLC, self.lr_inputs(lrf_BlCv))
+        h_BLC = self.hidden_states(cond_BD, x_BLCv_wo_first_l, kv_BLC, self.lr_inputs(lrf_BlCv))
         logits_BLV = self.get_logits(h_BLC, cond_BD)
         if not self.has_refiner:
             return logits_BLV, None
@@ -213,7 +214,7 @@ class SRVAR(NextScaleAR):
             r_BChw = last_scale_residual(f_BChw, x_BLCv_wo_first_l, idx_Bl, vae, len(self.patch_nums))
             target_NC = (r_BChw / self.refiner_scale).flatten(2).transpose(1, 2).reshape(-1, self.Cvae)
         z_NC = self._refiner_cond(h_BLC[:, -l:], idx_Bl, vae).reshape(-1, self.C)
-        mul = self.refiner_batch_mul  # each token seen with `mul` independent noise levels (MAR, VARSR)
+        mul = self.config.refiner_batch_mul  # each token seen with `mul` noise levels (MAR, VARSR)
         return logits_BLV, self.refiner(target_NC.repeat(mul, 1), z_NC.repeat(mul, 1))
 
     def _refiner_cond(self, h_BlC: torch.Tensor, idx_Bl: torch.Tensor, vae: TokenizerVAE) -> torch.Tensor:
@@ -250,7 +251,7 @@ class SRVAR(NextScaleAR):
         else:
             guide = None
         f_hat, idx_Bl_list, h_BlC = self.decode(
-            cond_BD, cond_BD, vae, B, pick, kv_BLC, use_cache, guide, self.lr_inputs(lrf_BlCv)
+            cond_BD, vae, B, pick, kv_BLC, use_cache, guide, self.lr_inputs(lrf_BlCv)
         )
         if self.has_refiner and refine:
             z_NC = self._refiner_cond(h_BlC[:B], idx_Bl_list[-1], vae).reshape(-1, self.C)
@@ -294,25 +295,6 @@ def srvar_loss(
     return loss, metrics
 
 
-def srvar_kwargs(
-    cfg: SRVARConfig, patch_nums: Sequence[int], vocab_size: int, Cvae: int, refiner_scale: float = 1.0
-) -> dict[str, Any]:
-    """SRVAR constructor kwargs from params.yaml's ``srvar`` section and the tokenizer's facts."""
-    return dict(
-        depth=cfg.depth, patch_nums=[int(p) for p in patch_nums], vocab_size=vocab_size, Cvae=Cvae,
-        width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
-        attn_l2_norm=cfg.attn_l2_norm, alng=cfg.alng, cond_drop=cfg.cond_drop, refiner=cfg.refiner,
-        refiner_width=cfg.refiner_width, refiner_depth=cfg.refiner_depth, refiner_steps=cfg.refiner_steps,
-        refiner_scale=refiner_scale, lr_input=cfg.lr_input,
-    )  # fmt: skip
-
-
-def build_srvar(
-    cfg: SRVARConfig, patch_nums: Sequence[int], vocab_size: int, Cvae: int, refiner_scale: float = 1.0
-) -> SRVAR:
-    return SRVAR(**srvar_kwargs(cfg, patch_nums, vocab_size, Cvae, refiner_scale))
-
-
 @dataclass
 class InitReport:
     """What :func:`init_from` did: parameter names loaded / left at their init / checkpoint keys unused."""
@@ -348,9 +330,8 @@ def init_from(model: SRVAR, path: str | Path) -> InitReport:
 __all__ = [
     "SRVAR",
     "InitReport",
-    "build_srvar",
+    "SRVARConfig",
     "init_from",
     "last_scale_residual",
-    "srvar_kwargs",
     "srvar_loss",
 ]

@@ -92,18 +92,11 @@ def ar_loss(
     return loss, metrics
 
 
-class SharedAdaLin(nn.Linear):
-    """Condition -> one set of six AdaLN vectors shared by all blocks (VAR's ``shared_aln``)."""
-
-    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)  # [B,1,6,C]
-
-
 class NextScaleAR(nn.Module):
     """Embeddings, block stack, head, init, teacher-forced pass and KV-cached decoding loop.
 
-    Subclasses provide the condition: a start vector ``sos_BD`` and an AdaLN condition ``cond_BD``
-    (both [B,D]); ``cross_attn=True`` adds cross-attention to a [B,Lk,C] key/value set per block.
+    Subclasses provide the condition ``cond_BD`` [B,D] (the start token and the AdaLN condition);
+    ``cross_attn=True`` adds cross-attention to a [B,Lk,C] key/value set per block.
     """
 
     def __init__(
@@ -118,7 +111,6 @@ class NextScaleAR(nn.Module):
         drop_path: float | None = None,
         attn_l2_norm: bool = True,
         alng: float = 1e-5,
-        shared_aln: bool = False,
         norm_eps: float = 1e-6,
         cond_drop: float = 0.1,
         cross_attn: bool = False,
@@ -147,9 +139,6 @@ class NextScaleAR(nn.Module):
 
         self.word_embed = nn.Linear(Cvae, C)
         self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
-        self.shared_ada_lin = (
-            nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * C)) if shared_aln else nn.Identity()
-        )
         dp = 0.1 * depth / 24 if drop_path is None else drop_path
         block_cls = CrossAttnBlock if cross_attn else AdaLNSelfAttn
         self.blocks = nn.ModuleList(
@@ -161,7 +150,6 @@ class NextScaleAR(nn.Module):
                 drop_path=dp * i / max(depth - 1, 1),
                 attn_l2_norm=attn_l2_norm,
                 norm_eps=norm_eps,
-                shared_aln=shared_aln,
             )
             for i in range(depth)
         )
@@ -193,12 +181,9 @@ class NextScaleAR(nn.Module):
             b.ffn.fc2.weight.div_(div)
             if isinstance(b, CrossAttnBlock):
                 b.ca.proj.weight.div_(div)
-            if hasattr(b, "ada_lin"):  # rows: [gamma1, gamma2 | scale1, scale2, shift1, shift2]
-                b.ada_lin[-1].weight[2 * C :].mul_(aln)
-                b.ada_lin[-1].weight[: 2 * C].mul_(self.alng)
-            else:
-                b.ada_gss[:, :, 2:].mul_(aln)
-                b.ada_gss[:, :, :2].mul_(self.alng)
+            # rows: [gamma1, gamma2 | scale1, scale2, shift1, shift2]
+            b.ada_lin[-1].weight[2 * C :].mul_(aln)
+            b.ada_lin[-1].weight[: 2 * C].mul_(self.alng)
 
     def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
         """True for parameters AdamW must not decay (VAR's rule)."""
@@ -249,7 +234,6 @@ class NextScaleAR(nn.Module):
 
     def hidden_states(
         self,
-        sos_BD: torch.Tensor,
         cond_BD: torch.Tensor,
         x_BLCv_wo_first_l: torch.Tensor,
         kv_BLC: torch.Tensor | None = None,
@@ -261,13 +245,12 @@ class NextScaleAR(nn.Module):
         aligned LR input)."""
         B = x_BLCv_wo_first_l.shape[0]
         with torch.autocast(x_BLCv_wo_first_l.device.type, enabled=False):  # embeddings in fp32, as VAR
-            sos_BlC = sos_BD.float()[:, None].expand(B, self.first_l, -1) + self.pos_start
+            sos_BlC = cond_BD.float()[:, None].expand(B, self.first_l, -1) + self.pos_start
             x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x_BLC = x_BLC + self.lvl_embed(self.lvl_1L) + self.pos_1LC
             if in_BLC is not None:
                 x_BLC = x_BLC + in_BLC.float()
-            cond = self.shared_ada_lin(cond_BD.float())
-        return self._blocks(x_BLC, cond, self.attn_plan(), kv_BLC)
+        return self._blocks(x_BLC, cond_BD.float(), self.attn_plan(), kv_BLC)
 
     def _kv_caching(self, enable: bool) -> None:
         for b in self.blocks:
@@ -283,7 +266,6 @@ class NextScaleAR(nn.Module):
     @torch.no_grad()
     def decode(
         self,
-        sos_BD: torch.Tensor,
         cond_BD: torch.Tensor,
         vae: TokenizerVAE,
         B: int,
@@ -295,24 +277,24 @@ class NextScaleAR(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Generate scale by scale -> (f_hat_BChw, idx_Bl per scale, last scale's hidden states [nB,l,C]).
 
-        sos_BD / cond_BD (and kv_BLC) hold nB = B rows, or 2B with the unconditional half second
-        (CFG). ``pick(si, logits)`` returns scale si's tokens [B,l]; it gets the guided logits
-        [B,l,V] with t = cfg * si/(SN-1) (no guidance at scale 0) when ``cfg`` is given, else the
-        raw logits [nB,l,V]. With ``use_cache`` each step feeds only the new scale (no mask needed);
+        cond_BD [nB,D] (start token and AdaLN condition) and kv_BLC hold nB = B rows, or 2B with the
+        unconditional half second (CFG). ``pick(si, logits)`` returns scale si's tokens [B,l]; it
+        gets the guided logits [B,l,V] with t = cfg * si/(SN-1) (no guidance at scale 0) when
+        ``cfg`` is given, else the raw logits [nB,l,V]. With ``use_cache`` each step feeds only the new scale (no mask needed);
         without it the whole prefix is recomputed under the block-causal mask (same numbers).
         ``in_BLC`` [nB,L,C] is added to every position's input, as in :meth:`hidden_states`.
         """
         quant, SN, pn_last = vae.quantize, len(self.patch_nums), self.patch_nums[-1]
-        nB, rep = sos_BD.shape[0], sos_BD.shape[0] // B
-        fp32 = torch.autocast(sos_BD.device.type, enabled=False)  # embeddings in fp32, as in hidden_states
+        nB, rep = cond_BD.shape[0], cond_BD.shape[0] // B
+        fp32 = torch.autocast(cond_BD.device.type, enabled=False)  # embeddings in fp32, as in hidden_states
         with fp32:
             lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
             if in_BLC is not None:  # [nB,L,C]: broadcasts like lvl_pos_1LC, row for row
                 lvl_pos_1LC = lvl_pos_1LC + in_BLC.float()
-            cond = self.shared_ada_lin(cond_BD.float())
-            sos_BlC = sos_BD.float()[:, None].expand(nB, self.first_l, -1) + self.pos_start
+            cond = cond_BD.float()
+            sos_BlC = cond[:, None].expand(nB, self.first_l, -1) + self.pos_start
             next_BlC = sos_BlC + lvl_pos_1LC[:, : self.first_l]
-        f_hat = sos_BD.new_zeros(B, self.Cvae, pn_last, pn_last)
+        f_hat = cond_BD.new_zeros(B, self.Cvae, pn_last, pn_last)
         idx_Bl_list: list[torch.Tensor] = []
         prefix: list[torch.Tensor] = []
         self._kv_caching(use_cache)
@@ -343,7 +325,7 @@ class VAR(NextScaleAR):
     """Class-conditional VAR. ``VAR(depth=16)`` has exactly the state dict of the official var_d16.pth.
 
     Defaults follow VAR's build: width 64*depth, heads = depth, mlp 4, drop_path 0.1*depth/24,
-    cond_drop 0.1 (training only), attn_l2_norm, no shared AdaLN, 1000 classes (+1 unconditional).
+    cond_drop 0.1 (training only), attn_l2_norm, 1000 classes (+1 unconditional).
     """
 
     def __init__(
@@ -366,7 +348,7 @@ class VAR(NextScaleAR):
             drop_B = torch.rand(label_B.shape[0], device=label_B.device) < self.cond_drop
             label_B = torch.where(drop_B, self.num_classes, label_B)
         cond_BD = self.class_emb(label_B)
-        return self.get_logits(self.hidden_states(cond_BD, cond_BD, x_BLCv_wo_first_l), cond_BD)
+        return self.get_logits(self.hidden_states(cond_BD, x_BLCv_wo_first_l), cond_BD)
 
     @torch.no_grad()
     def sample_fhat(
@@ -394,7 +376,7 @@ class VAR(NextScaleAR):
             pick, guide = self.sampler(top_k, top_p, generator), cfg
         else:
             guide = None
-        f_hat, idx_Bl_list, _ = self.decode(cond_BD, cond_BD, vae, B, pick, use_cache=use_cache, cfg=guide)
+        f_hat, idx_Bl_list, _ = self.decode(cond_BD, vae, B, pick, use_cache=use_cache, cfg=guide)
         return f_hat, idx_Bl_list
 
     @torch.no_grad()

@@ -14,17 +14,52 @@ so :func:`load_official` loads it strictly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Lt
 
-from arsr.config import VQVAEConfig
 from arsr.models.quant import MultiScaleQuantizer, autocast_off
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """The tokenizer's architecture: params.yaml's ``vqvae.model`` (the defaults are the CPU default
+    run's; :data:`VAR_VQVAE` is VAR's official one), stored in ``model.pt``."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # params.yaml: an unknown key is an error
+
+    vocab_size: Annotated[int, Ge(2)] = 512  # codebook size V
+    z_channels: Annotated[int, Ge(1)] = 32  # Cvae, the latent width
+    ch: Annotated[int, Ge(8)] = 16  # base channels
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)  # one level per entry: downsample 2^(levels-1)
+    num_res_blocks: Annotated[int, Ge(1)] = 2
+    dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
+    beta: Annotated[float, Gt(0)] = 0.25  # commitment weight of the VQ loss
+    quant_resi: float = 0.5  # phi(h) = (1 - r) h + r conv(h)
+    share_quant_resi: Annotated[int, Ge(0)] = 4  # phi convs shared across scales
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)  # token-map sides, coarse to fine
+
+    def __post_init__(self) -> None:
+        v = self.patch_nums
+        if not v or v[0] < 1 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"patch_nums: {list(v)} must be strictly increasing positive integers")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult: {list(self.ch_mult)} must be a non-empty list of positive integers")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+# VAR's vae_ch160v4096z32.pth (16x downsample, 256 px -> 16x16, L = 680 tokens).
+VAR_VQVAE = VQVAEConfig(vocab_size=4096, ch=160, ch_mult=(1, 1, 2, 2, 4), patch_nums=VAR_PATCH_NUMS)
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -177,39 +212,24 @@ class Decoder(nn.Module):
 class VQVAE(nn.Module):
     """VAR's multi-scale VQVAE. Images are RGB in [-1, 1] (``x * 2 - 1`` of [0, 1] pixels).
 
-    Defaults are the official ``vae_ch160v4096z32.pth`` layout (16x downsample, 256 px -> 16x16,
-    L = 680 tokens). ``L``, ``first_l`` and the latent grid all derive from ``patch_nums``.
+    ``VQVAE(VAR_VQVAE)`` is the official ``vae_ch160v4096z32.pth`` layout. ``L``, ``first_l`` and the
+    latent grid all derive from ``patch_nums``.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 4096,
-        z_channels: int = 32,
-        ch: int = 160,
-        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        dropout: float = 0.0,
-        beta: float = 0.25,
-        quant_resi: float = 0.5,
-        share_quant_resi: int = 4,
-        patch_nums: Sequence[int] = VAR_PATCH_NUMS,
-    ):
+    def __init__(self, config: VQVAEConfig):
         super().__init__()
-        self.V, self.Cvae = vocab_size, z_channels
-        self.patch_nums: tuple[int, ...] = tuple(int(pn) for pn in patch_nums)
-        self.downsample = 2 ** (len(ch_mult) - 1)
-        self._config = dict(
-            vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=[int(m) for m in ch_mult],
-            num_res_blocks=num_res_blocks, dropout=dropout, beta=beta, quant_resi=quant_resi,
-            share_quant_resi=share_quant_resi, patch_nums=list(self.patch_nums),
-        )  # fmt: skip
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, dropout)
+        c = self.config = config
+        self.V, self.Cvae = c.vocab_size, c.z_channels
+        self.patch_nums: tuple[int, ...] = tuple(int(pn) for pn in c.patch_nums)
+        self.downsample = c.downsample
+        z = c.z_channels
+        self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, z, c.dropout)
+        self.decoder = Decoder(c.ch, c.ch_mult, c.num_res_blocks, z, c.dropout)
         self.quantize = MultiScaleQuantizer(
-            vocab_size, z_channels, self.patch_nums, beta, quant_resi, share_quant_resi
+            c.vocab_size, z, self.patch_nums, c.beta, c.quant_resi, c.share_quant_resi
         )
-        self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
-        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(z, z, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(z, z, 3, padding=1)
 
     # ---- sizes ----------------------------------------------------------------------
     @property
@@ -227,8 +247,8 @@ class VQVAE(nn.Module):
         return len(self.patch_nums)
 
     def model_config(self) -> dict[str, Any]:
-        """Constructor kwargs (JSON-able): ``VQVAE(**vae.model_config())`` rebuilds this architecture."""
-        return dict(self._config)
+        """``model.pt``'s config: ``VQVAE(VQVAEConfig(**vae.model_config()))`` rebuilds this architecture."""
+        return asdict(self.config)
 
     def freeze(self) -> VQVAE:
         """Eval mode, no grads: how every stage but ``train_vqvae`` uses the tokenizer."""
@@ -298,37 +318,16 @@ class VQVAE(nn.Module):
         return self.quantize.split_idx_BL(idx_BL)
 
 
-def vqvae_kwargs(cfg: VQVAEConfig) -> dict[str, Any]:
-    """``VQVAE(**kwargs)`` for the architecture ``params.yaml``'s ``vqvae`` section describes."""
-    return dict(
-        vocab_size=cfg.vocab_size,
-        z_channels=cfg.z_channels,
-        ch=cfg.ch,
-        ch_mult=tuple(cfg.ch_mult),
-        dropout=cfg.dropout,
-        beta=cfg.beta,
-        quant_resi=cfg.quant_resi,
-        share_quant_resi=cfg.share_quant_resi,
-        patch_nums=tuple(cfg.patch_nums),
-    )
-
-
-def build_vqvae(cfg: VQVAEConfig) -> VQVAE:
-    """The architecture ``params.yaml``'s ``vqvae`` section describes (``cfg.pretrained`` is the
-    stage's business: it calls ``load_official(path, **vqvae_kwargs(cfg))`` instead)."""
-    return VQVAE(**vqvae_kwargs(cfg))
-
-
 def _brief(keys: Sequence[str], n: int = 5) -> str:
     keys = sorted(keys)
     more = f", ... (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
 
-def load_official(path: str | Path, freeze: bool = True, **arch: Any) -> VQVAE:
-    """Load VAR's ``vae_ch160v4096z32.pth`` (a plain state dict) strictly into ``VQVAE(**arch)``.
+def load_official(path: str | Path, config: VQVAEConfig = VAR_VQVAE, freeze: bool = True) -> VQVAE:
+    """Load VAR's ``vae_ch160v4096z32.pth`` (a plain state dict) strictly into ``VQVAE(config)``.
 
-    ``arch`` defaults to the official layout; ``patch_nums`` may differ from 256 px VAR's since the
+    ``config`` defaults to the official layout; ``patch_nums`` may differ from 256 px VAR's since the
     weights do not depend on them (e.g. VAR's 512 px schedule; only the [SN, V] usage buffer is then
     kept fresh). Returns the model frozen (eval, no grads) unless ``freeze=False``. Raises
     FileNotFoundError / ValueError naming ``path`` when the file is missing or is not such a state
@@ -342,7 +341,7 @@ def load_official(path: str | Path, freeze: bool = True, **arch: Any) -> VQVAE:
         raise ValueError(
             f"{path} is not a VQVAE state dict (got {type(state).__name__}, not a dict of tensors)"
         )
-    vae = VQVAE(**arch)
+    vae = VQVAE(config)
     own = vae.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -352,7 +351,7 @@ def load_official(path: str | Path, freeze: bool = True, **arch: Any) -> VQVAE:
         if k in state and state[k].shape != own[k].shape and k != "quantize.ema_vocab_hit_SV"
     ]
     if missing or unexpected or shape_bad:
-        parts = [f"{path} is not a state dict of this VQVAE (default: VAR ch160 v4096 z32):"]
+        parts = [f"{path} is not a state dict of this VQVAE (VAR_VQVAE: ch160 v4096 z32):"]
         if missing:
             parts.append(f"{len(missing)} missing keys ({_brief(missing)})")
         if unexpected:

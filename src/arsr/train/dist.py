@@ -77,13 +77,6 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """In place: rank ``src``'s values on every rank (e.g. after an ``on_step`` hook edits weights)."""
-    if _active():
-        tdist.broadcast(t, src=src)
-    return t
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (for small, infrequent payloads: metrics, RNG states)."""
     if not _active():
