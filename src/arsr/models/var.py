@@ -280,8 +280,9 @@ class NextScaleAR(nn.Module):
         cond_BD [nB,D] (start token and AdaLN condition) and kv_BLC hold nB = B rows, or 2B with the
         unconditional half second (CFG). ``pick(si, logits)`` returns scale si's tokens [B,l]; it
         gets the guided logits [B,l,V] with t = cfg * si/(SN-1) (no guidance at scale 0) when
-        ``cfg`` is given, else the raw logits [nB,l,V]. With ``use_cache`` each step feeds only the new scale (no mask needed);
-        without it the whole prefix is recomputed under the block-causal mask (same numbers).
+        ``cfg`` is given, else the raw logits [nB,l,V]. With ``use_cache`` each step feeds only the
+        new scale (no mask needed); without it the whole prefix is recomputed under the block-causal
+        mask (same numbers).
         ``in_BLC`` [nB,L,C] is added to every position's input, as in :meth:`hidden_states`.
         """
         quant, SN, pn_last = vae.quantize, len(self.patch_nums), self.patch_nums[-1]
