@@ -49,7 +49,8 @@ class TinyGPT(nn.Module):
 def worker(args: argparse.Namespace) -> None:
     """One engine run; rank 0 prints a JSON line with the steady-state step time."""
     from arsr.config import TrainConfig
-    from arsr.train import Trainer, cleanup, init_distributed, micro_batch_size
+    from arsr.train.dist import cleanup, init_distributed
+    from arsr.train.engine import Trainer, micro_batch_size
 
     torch.set_num_threads(1)
     d = init_distributed()

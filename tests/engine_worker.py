@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arsr.config import TrainConfig
-from arsr.train import Trainer, init_distributed, micro_batch_size
+from arsr.train.dist import init_distributed
+from arsr.train.engine import Trainer, micro_batch_size
 
 DIM, OUT = 8, 4
 

@@ -20,16 +20,9 @@ import pytest
 import torch
 
 from arsr.config import TrainConfig
-from arsr.train import (
-    CheckpointError,
-    NonFiniteLossError,
-    Trainer,
-    TrainingInterrupted,
-    load_model_file,
-    safe_load,
-)
-from arsr.train.checkpoint import CKPT_FORMAT, atomic_save
+from arsr.train.checkpoint import CKPT_FORMAT, CheckpointError, atomic_save, load_model_file, safe_load
 from arsr.train.ema import EMA
+from arsr.train.engine import NonFiniteLossError, Trainer, TrainingInterrupted
 from arsr.train.logging import PlotWriter, init_wandb, pipeline_group
 from arsr.train.optim import END_RATIO, lr_factor, param_groups, peak_lr
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from arsr.config import TrainConfig
-from arsr.train import Trainer, load_model_file, safe_load
+from arsr.train.checkpoint import load_model_file, safe_load
+from arsr.train.engine import Trainer
 
 
 def weights(path: Path, key: str = "model") -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import engine_worker as w
 import pytest
 import torch
 
-from arsr.train import load_model_file, safe_load
+from arsr.train.checkpoint import load_model_file, safe_load
 
 
 def weights(path: Path, key: str = "model") -> dict[str, torch.Tensor]:

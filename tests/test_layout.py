@@ -51,10 +51,26 @@ def test_every_dvc_stage_is_a_python_module_with_a_cli() -> None:
 
 
 def test_lower_layers_never_import_higher_ones() -> None:
-    order = {"data": 0, "models": 0, "train": 1, "eval": 1, "stages": 2}
+    order = {"data": 0, "models": 0, "train": 1, "eval": 1, "infer": 2, "stages": 3}
     for layer, level in order.items():
         for path in (ROOT / "src" / "arsr" / layer).rglob("*.py"):
             text = path.read_text()
             for other, other_level in order.items():
                 if other_level > level:
                     assert f"arsr.{other}" not in text, f"{path.relative_to(ROOT)} imports arsr.{other}"
+
+
+def test_no_stage_imports_another_stage() -> None:
+    """What two stages share lives below stages/ (common.py is the stages' shared CLI plumbing);
+    importlib counts too: a string naming a stage module is an import."""
+    stages = ROOT / "src" / "arsr" / "stages"
+    names = {p.stem for p in stages.glob("*.py")} - {"__init__", "common"}
+    for path in stages.glob("*.py"):
+        text = path.read_text()
+        assert "importlib" not in text, f"{path.relative_to(ROOT)} imports modules by name"
+        for other in names - {path.stem}:
+            assert f"arsr.stages.{other}" not in text.replace(f"python -m arsr.stages.{other}", ""), (
+                f"{path.relative_to(ROOT)} imports arsr.stages.{other}"
+            )
+        if path.stem != "launch":
+            assert "from arsr.stages import" not in text, path

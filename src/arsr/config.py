@@ -1,18 +1,29 @@
 """The one schema of params.yaml.
 
-Every stage loads params through :func:`load_params` and then reads only its own section
-(plus the top-level ``seed``). Unknown keys, wrong types and inconsistent values fail
-with :class:`ConfigError`, whose message names the key path and the reason, e.g.
+Every stage loads params through :func:`load_params` and then reads only the sections its
+``PARAMS`` names. The schema's defaults are params.yaml's values (tests/test_config.py keeps
+them equal); each model's hyperparameters are the dataclass next to the model
+(``vqvae.model`` = :class:`arsr.models.vqvae.VQVAEConfig`, ...), reused here as its subsection.
+Unknown keys, wrong types and inconsistent values fail with :class:`ConfigError`, whose message
+names the key path and the reason, e.g.
 ``data.hr_size: 60 is not a multiple of the tokenizer downsample 8``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from arsr.infer.mar import MARSampling
+from arsr.infer.srvar import SRVARSampling
+from arsr.models.mar import MARConfig
+from arsr.models.srvar import SRVARConfig
+from arsr.models.vqvae import VQVAEConfig
 
 PARAMS_FILE = "params.yaml"
 
@@ -31,28 +42,34 @@ def _fail(path: str, value: Any, reason: str) -> None:
     raise ValueError(f"{path}: {value!r} {reason}")
 
 
+# A key marked RUNTIME changes how a stage runs or reports, never what it writes into a DAG output
+# that later stages read: no dvc.yaml stage declares it and no checkpoint fingerprint hashes it, so
+# changing it reruns nothing (`dvc exp run -S srvar.train.log_every=5`). See :func:`stage_param_keys`.
+RUNTIME: dict[str, Any] = {"runtime": True}
+
+
 # --------------------------------------------------------------------------------------
 # Training (one type, used as its own subsection by every training stage)
 # --------------------------------------------------------------------------------------
 class TrainConfig(Section):
-    nproc: int = Field(1, ge=1, description="processes per node (torchrun --nproc-per-node)")
-    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    nproc: int = Field(2, ge=1, description="processes per node (torchrun --nproc-per-node)")
+    workers: int = Field(1, ge=0, description="data-loader workers per rank")
+    max_steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="global batch (all ranks, all accum micro-steps)")
     accum: int = Field(1, ge=1, description="gradient-accumulation micro-steps per optimizer step")
     amp: Literal["none", "bf16", "fp16"] = "bf16"
-    base_lr: float = Field(1e-4, gt=0, description="lr = base_lr * batch_size / 256")
+    base_lr: float = Field(0.04, gt=0, description="lr = base_lr * batch_size / 256")
     schedule: Literal["lin0", "cos"] = "lin0"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: float = Field(2.0, ge=0, description="0 disables clipping")
-    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay (warmed up over the first steps)")
-    val_every: int = Field(100, ge=1)
-    ckpt_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
+    ema: float = Field(0.99, ge=0, lt=1, description="EMA decay (warmed up over the first steps)")
+    val_every: int = Field(150, ge=1)
+    ckpt_every: int = Field(150, ge=1, json_schema_extra=RUNTIME)
+    log_every: int = Field(10, ge=1, json_schema_extra=RUNTIME)
     max_bad_steps: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
     deterministic: bool = False
     compile: bool = Field(False, description="torch.compile the training forward (GPU; minutes to build)")
-    workers: int = Field(2, ge=0, description="data-loader workers per rank")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -68,26 +85,31 @@ class TrainConfig(Section):
             _fail("warmup_steps", self.warmup_steps, f"exceeds max_steps {self.max_steps}")
         return self
 
-    @property
-    def micro_batch(self) -> int:
-        """Samples one rank processes in one micro-step."""
-        return self.batch_size // (self.nproc * self.accum)
+
+def train_field(**recipe: Any) -> Any:
+    """A stage's ``train`` subsection: TrainConfig with this stage's recipe as its defaults, so a
+    partial ``<stage>.train`` in params.yaml keeps the rest of the recipe."""
+
+    def merge(v: Any) -> Any:
+        return {**recipe, **v} if isinstance(v, dict) else v
+
+    return Field(default_factory=lambda: TrainConfig(**recipe)), BeforeValidator(merge)
 
 
 # --------------------------------------------------------------------------------------
-# Sections
+# Sections (defaults = params.yaml's values; tests/test_config.py keeps them equal)
 # --------------------------------------------------------------------------------------
 class DataConfig(Section):
     source: str = Field("builtin", description="'builtin' (scikit-image photos) or a folder of images")
     labels: Literal["none", "folder"] = "none"
     hr_size: int = Field(64, ge=8, description="HR crop side in pixels")
     scale: int = Field(4, ge=2, le=8, description="SR factor; LR side = hr_size / scale")
-    crop_stride: int = Field(32, ge=1, description="grid step between crops")
+    crop_stride: int = Field(48, ge=1, description="grid step between crops")
     max_crops_per_image: int = Field(0, ge=0, description="0 = every grid crop")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of source images held out")
     min_shards: int = Field(4, ge=1, description="shards per split at least (>= nproc x workers)")
     samples_per_shard: int = Field(1000, ge=1)
-    workers: int = Field(2, ge=1, description="processes that decode/crop/resize")
+    workers: int = Field(2, ge=1, description="processes that decode/crop/resize", json_schema_extra=RUNTIME)
     max_image_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb limit (Pillow's default)")
 
     @model_validator(mode="after")
@@ -97,89 +119,43 @@ class DataConfig(Section):
         return self
 
 
-class VQVAEConfig(Section):
+_VQVAE_TRAIN = dict(
+    max_steps=800, batch_size=16, base_lr=0.032, warmup_steps=5, ema=0.999, val_every=400, ckpt_every=200,
+    log_every=50,
+)  # fmt: skip
+
+
+class VQVAESection(Section):
     pretrained: str | None = Field(None, description="official VAR vae .pth to adopt instead of training")
-    vocab_size: int = Field(512, ge=2)
-    z_channels: int = Field(32, ge=1, description="Cvae, the latent width")
-    ch: int = Field(16, ge=8, description="base channels (VAR: 160)")
-    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 4])
-    dropout: float = Field(0.0, ge=0, lt=1)
-    patch_nums: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8])
-    beta: float = Field(0.25, gt=0)
-    quant_resi: float = 0.5
-    share_quant_resi: int = Field(4, ge=0)
+    model: VQVAEConfig = Field(default_factory=VQVAEConfig)
     restart_dead_codes: bool = True
     restart_every: int = Field(25, ge=1, description="steps between dead-code restarts")
     augment: bool = Field(True, description="random RGB order, flips and negatives of the train crops")
-    perceptual_weight: float = Field(0.0, ge=0, description="LPIPS; needs local weights")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @model_validator(mode="after")
-    def _check(self) -> VQVAEConfig:
-        v = self.patch_nums
-        if not v or v[0] < 1 or any(b <= a for a, b in zip(v, v[1:])):
-            _fail("patch_nums", v, "must be strictly increasing positive integers")
-        if not self.ch_mult:
-            _fail("ch_mult", self.ch_mult, "must not be empty")
-        return self
+    train: Annotated[TrainConfig, *train_field(**_VQVAE_TRAIN)]
 
 
 class TokenizeConfig(Section):
-    batch_size: int = Field(32, ge=1)
-    workers: int = Field(2, ge=1, description="processes encoding shards in parallel")
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(2, ge=1, description="processes encoding shards", json_schema_extra=RUNTIME)
 
 
-class SRVARConfig(Section):
-    depth: int = Field(4, ge=1)
-    width: int = Field(0, ge=0, description="0 = 64 x depth (VAR's rule)")
-    heads: int = Field(0, ge=0, description="0 = depth (VAR's rule)")
-    mlp_ratio: float = Field(4.0, gt=0)
-    drop_path: float = Field(0.0, ge=0, lt=1)
-    attn_l2_norm: bool = True
-    alng: float = Field(1e-3, gt=0, description="AdaLN gamma init scale")
-    cond_drop: float = Field(0.1, ge=0, lt=1, description="per-sample LR-condition dropout (CFG)")
-    lr_input: bool = Field(True, description="add the LR latent pyramid to every position's input")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    refiner: bool = False
-    diff_weight: float = Field(2.0, ge=0)
-    refiner_width: int = Field(256, ge=8)
-    refiner_depth: int = Field(3, ge=1)
-    refiner_steps: str = Field("100", description="respaced diffusion steps at inference")
+class SRVARSection(Section):
+    model: SRVARConfig = Field(default_factory=SRVARConfig)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="training CE only")
+    diff_weight: float = Field(2.0, ge=0, description="loss = CE + diff_weight x refiner loss")
     init_from: str | None = Field(None, description="official VAR checkpoint to start from")
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: Annotated[TrainConfig, *train_field()]
 
 
-MAR_TRAIN_DEFAULTS = {"grad_clip": 3.0, "weight_decay": 0.02, "amp": "bf16"}
+_MAR_TRAIN = dict(
+    workers=2, max_steps=200, base_lr=0.03, weight_decay=0.02, grad_clip=3.0, ema=0.999, val_every=50,
+    ckpt_every=50,
+)  # fmt: skip
 
 
-class MARConfig(Section):
-    width: int = Field(256, ge=8)
-    encoder_depth: int = Field(4, ge=1)
-    decoder_depth: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    buffer_size: int = Field(16, ge=1)
-    patch_size: int = Field(1, ge=1)
-    mask_ratio_min: float = Field(0.7, gt=0, lt=1)
-    cond_drop: float = Field(0.1, ge=0, lt=1)
-    attn_dropout: float = Field(0.1, ge=0, lt=1)
-    proj_dropout: float = Field(0.1, ge=0, lt=1)
-    diffloss_width: int = Field(256, ge=8)
-    diffloss_depth: int = Field(3, ge=1)
-    diffusion_batch_mul: int = Field(4, ge=1)
-    # IDDPM's plain "N" spacing keeps t=999 (alpha_bar ~ 2e-9 with the cosine cap), which
-    # amplifies a briefly trained head's error ~1000x; DDIM striding ends at t=960 and is stable.
-    num_sampling_steps: str = Field("ddim25", description="respaced diffusion steps at sampling")
-    # MAR's recipe differs from the generic defaults; a partial `mar.train` keeps these.
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**MAR_TRAIN_DEFAULTS))
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _mar_train_defaults(cls, v: Any) -> Any:
-        return {**MAR_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
+class MARSection(Section):
+    model: MARConfig = Field(default_factory=MARConfig)
+    train: Annotated[TrainConfig, *train_field(**_MAR_TRAIN)]
 
 
 class EvalConfig(Section):
@@ -188,38 +164,39 @@ class EvalConfig(Section):
     max_val_images: int = Field(0, ge=0, description="0 = all val crops")
     tile_overlap: int = Field(16, ge=0)
     batch_size: int = Field(16, ge=1, description="tiles super-resolved together")
-    srvar_cfg: float = Field(0.0, ge=0)
-    srvar_top_k: int = Field(0, ge=0, description="0 = off")
-    srvar_top_p: float = Field(0.0, ge=0, le=1, description="0 = off")
-    mar_cfg: float = Field(1.0, ge=0)
-    mar_cfg_schedule: Literal["linear", "constant"] = "linear"
-    mar_temperature: float = Field(1.0, gt=0)
-    mar_num_iter: int = Field(8, ge=1)
     seed: int = 0
     num_samples: int = Field(4, ge=0, description="sample grids written")
+    # One subsection per SR family (arsr.infer.registry.FAMILIES), so no setting means two things.
+    srvar: SRVARSampling = Field(default_factory=SRVARSampling)
+    mar: MARSampling = Field(default_factory=MARSampling)
 
 
 class Params(Section):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
-    vqvae: VQVAEConfig = Field(default_factory=VQVAEConfig)
+    vqvae: VQVAESection = Field(default_factory=VQVAESection)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
-    srvar: SRVARConfig = Field(default_factory=SRVARConfig)
-    mar: MARConfig = Field(default_factory=MARConfig)
+    srvar: SRVARSection = Field(default_factory=SRVARSection)
+    mar: MARSection = Field(default_factory=MARSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Params:
-        down = self.vqvae.downsample
+        vq = self.vqvae.model
+        down = vq.downsample
         if self.data.hr_size % down:
             raise ValueError(
                 f"data.hr_size: {self.data.hr_size} is not a multiple of the tokenizer downsample {down}"
             )
         grid = self.data.hr_size // down
-        if self.vqvae.patch_nums[-1] != grid:
+        if vq.patch_nums[-1] != grid:
             raise ValueError(
-                f"vqvae.patch_nums: last entry {self.vqvae.patch_nums[-1]} must equal the latent grid "
+                f"vqvae.model.patch_nums: last entry {vq.patch_nums[-1]} must equal the latent grid "
                 f"data.hr_size / downsample = {self.data.hr_size} / {down} = {grid}"
+            )
+        if grid % self.mar.model.patch_size:
+            raise ValueError(
+                f"mar.model.patch_size: {self.mar.model.patch_size} does not divide the latent grid {grid}"
             )
         for name in ("vqvae", "srvar", "mar"):
             train: TrainConfig = getattr(self, name).train
@@ -238,6 +215,46 @@ class Params(Section):
 
 
 # --------------------------------------------------------------------------------------
+# Which keys a stage depends on
+# --------------------------------------------------------------------------------------
+def _keys(model: type[BaseModel], prefix: str) -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        if (field.json_schema_extra or {}).get("runtime"):
+            continue
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out += _keys(sub, key)
+        else:  # a leaf, or a model's hyperparameter dataclass (one key: the model is one thing)
+            out.append(key)
+    return out
+
+
+def stage_param_keys(sections: tuple[str, ...]) -> list[str]:
+    """The params.yaml keys a stage reading ``sections`` depends on (RUNTIME keys left out), as
+    dvc.yaml declares them and :func:`stage_param_values` hashes them."""
+    keys: list[str] = []
+    for section in sections:
+        field = Params.model_fields[section]
+        sub = field.annotation
+        keys += _keys(sub, section) if isinstance(sub, type) and issubclass(sub, BaseModel) else [section]
+    return keys
+
+
+def stage_param_values(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
+    """``{key: value}`` (JSON-able) of :func:`stage_param_keys`: what a stage's fingerprint hashes."""
+    tree = params.model_dump(mode="json")
+    out = {}
+    for key in stage_param_keys(sections):
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -245,7 +262,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             text = f"{loc}: unknown key"
         elif e["type"] == "value_error":
             # Raised by a model validator: loc is the section, msg starts with the field.
@@ -278,22 +295,36 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return parse_params(raw, str(path))
 
 
-def section_dict(section: BaseModel) -> dict[str, Any]:
-    """A JSON-able dict of one section (for fingerprints and W&B config)."""
-    return section.model_dump(mode="json")
+def tool_eval_config(
+    params_path: str | Path, sampling: dict[str, dict[str, Any]], protocol: str | None = None
+) -> EvalConfig:
+    """The ``eval`` settings of the standalone tools (``arsr upscale``, ``arsr evaluate --hr-dir``):
+    ``params_path``'s eval section when it is a valid params file (else the defaults, which are
+    params.yaml's), with ``sampling`` ({family: {field: value}}) and ``protocol`` applied."""
+    cfg = EvalConfig()
+    if Path(params_path).is_file():
+        with contextlib.suppress(ConfigError):  # the tools work outside a project too
+            cfg = load_params(params_path).eval
+    update: dict[str, Any] = {n: dataclasses.replace(getattr(cfg, n), **o) for n, o in sampling.items()}
+    if protocol:
+        update["protocol"] = protocol
+    return cfg.model_copy(update=update)
 
 
 __all__ = [
+    "RUNTIME",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
-    "MARConfig",
+    "MARSection",
     "Params",
-    "SRVARConfig",
+    "SRVARSection",
     "TokenizeConfig",
     "TrainConfig",
-    "VQVAEConfig",
+    "VQVAESection",
     "load_params",
     "parse_params",
-    "section_dict",
+    "stage_param_keys",
+    "stage_param_values",
+    "tool_eval_config",
 ]

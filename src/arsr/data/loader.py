@@ -55,6 +55,12 @@ def to_unit_range(img_HWC: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img_HWC)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def to_uint8(img_3HW: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float [3, H, W] -> uint8 [H, W, 3] (rounded; exact for images from :func:`to_unit_range`)."""
+    x = ((img_3HW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def decode_pair(sample: Sample) -> Sample:
     """Image shards: {"key", "hr" [3,H,W], "lr" [3,H/s,W/s] in [-1,1], "cls" int}."""
     return {

@@ -1,6 +1,7 @@
 """What every stage CLI shares: argument parsing, error reporting, paths, fingerprints.
 
-A stage module defines ``run(args, params) -> None`` and ends with::
+A stage module declares ``PARAMS``, the params.yaml sections it reads (dvc.yaml declares their
+keys: :func:`arsr.config.stage_param_keys`), defines ``run(args, params) -> None`` and ends with::
 
     def main(argv=None) -> int:
         return stage_main("train_mar", __doc__, run, argv, add_args=_add_args)
@@ -20,8 +21,9 @@ from typing import Any
 
 import torch
 
-from arsr.config import ConfigError, Params, load_params, section_dict
+from arsr.config import ConfigError, Params, load_params, stage_param_values
 from arsr.data.loader import train_loader
+from arsr.data.tokens import TokenFactsError
 from arsr.train.checkpoint import CheckpointError, hash_paths
 from arsr.train.dist import DistInfo
 
@@ -44,7 +46,7 @@ class StageError(RuntimeError):
     """A problem the user can fix; reported as one line, exit status 2."""
 
 
-USER_ERRORS = (ConfigError, StageError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, StageError, CheckpointError, TokenFactsError, FileNotFoundError)
 
 
 def stage_main(
@@ -69,17 +71,16 @@ def stage_main(
     return 0
 
 
-def fingerprint(stage: str, params: Params, section: str, inputs: list[str | Path]) -> dict[str, Any]:
-    """What a training checkpoint must match to be resumed: the stage's params and its inputs' hashes."""
+def fingerprint(
+    stage: str, params: Params, sections: tuple[str, ...], inputs: list[str | Path]
+) -> dict[str, Any]:
+    """What a training checkpoint must match to be resumed: the values of the params keys the stage
+    depends on (those dvc.yaml declares; RUNTIME keys such as ``log_every`` are not among them)
+    and its inputs' hashes."""
     missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"{stage}: input(s) not found: {', '.join(missing)} (run the earlier stages)")
-    return {
-        "stage": stage,
-        "seed": params.seed,
-        section: section_dict(getattr(params, section)),
-        "inputs": hash_paths(*inputs),
-    }
+    return {"stage": stage, "params": stage_param_values(params, sections), "inputs": hash_paths(*inputs)}
 
 
 def rank_train_iters(
@@ -92,3 +93,4 @@ def rank_train_iters(
             world_size=dist.world_size, workers=workers, start_step=k,
         )
     )  # fmt: skip
+

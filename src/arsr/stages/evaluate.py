@@ -4,10 +4,11 @@
     arsr evaluate --hr-dir DIR --scale 4 --methods bicubic,srvar,mar --json OUT.json
 
 Rows: ``bicubic``, ``vqvae_rec`` (the VQVAE's reconstruction of HR: the ceiling of token
-models), ``srvar``, ``mar``. Protocol ``rgb-uint8`` (default): every row starts from the
+models), then one per SR family of ``arsr.infer.registry.FAMILIES`` (``srvar``, ``mar``), each
+sampling with its ``eval.<family>`` settings. Protocol ``rgb-uint8`` (default): every row starts from the
 same RGB uint8 LR image and is scored on rounded Y with ``scale`` pixels shaved;
 ``y-float`` changes only the bicubic row (VDSR/EDSR's double-precision Y path).
-Whole images of any size go through the tiling of ``arsr.eval.tiling``.
+Whole images of any size go through the tiling of ``arsr.infer.tiling``.
 DAG outputs: ``eval/metrics.json``, ``eval/per_image.csv``, ``eval/samples/*.png``.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -25,19 +25,28 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from arsr.config import EvalConfig, Params, section_dict
+from arsr.config import EvalConfig, Params, stage_param_values, tool_eval_config
 from arsr.data.imresize import imresize, modcrop
 from arsr.data.loader import load_shard_stats
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
 from arsr.data.sources import IMAGE_SUFFIXES, ImageError, SourceImage, load_rgb
 from arsr.eval.metrics import score_bicubic, score_y
-from arsr.eval.tiling import upscale_images
+from arsr.infer.registry import FAMILIES, add_sampling_args, load_upscaler, sampling_overrides
+from arsr.infer.tiling import upscale_images
+from arsr.infer.tokenizer import VQVAEReconstructor, load_vqvae_file
 from arsr.io import atomic_write_bytes, write_json
-from arsr.stages.common import EVAL_DIR, RUNS_DIR, SHARDS_DIR, StageError, default_device, stage_main
-from arsr.stages.upscale import VQVAEReconstructor, load_upscaler, load_vqvae
-from arsr.train.checkpoint import load_model_file
+from arsr.stages.common import (
+    EVAL_DIR,
+    RUNS_DIR,
+    SHARDS_DIR,
+    USER_ERRORS,
+    StageError,
+    default_device,
+    stage_main,
+)
 
-METHODS = ("bicubic", "vqvae_rec", "srvar", "mar")
+PARAMS = ("eval",)
+METHODS = ("bicubic", "vqvae_rec", *FAMILIES)
 
 
 @dataclass
@@ -101,9 +110,10 @@ def score(method: str, img: EvalImage, sr: np.ndarray, scale: int, protocol: str
 
 
 def sample_grid(img: EvalImage, outputs: dict[str, np.ndarray], scale: int) -> np.ndarray:
-    """LR (nearest) | bicubic | SRVAR | MAR | HR side by side (rows present are those computed)."""
+    """LR (nearest) | bicubic | each SR family | HR side by side (columns present are those computed)."""
     lr_up = _rgb(img.lr).repeat(scale, 0).repeat(scale, 1)[: img.hr.shape[0], : img.hr.shape[1]]
-    cols = [lr_up] + [_rgb(outputs[m]) for m in ("bicubic", "srvar", "mar") if m in outputs] + [_rgb(img.hr)]
+    methods = ("bicubic", *FAMILIES)
+    cols = [lr_up] + [_rgb(outputs[m]) for m in methods if m in outputs] + [_rgb(img.hr)]
     return np.concatenate(cols, axis=1)
 
 
@@ -143,14 +153,14 @@ def summarize(per_image: pd.DataFrame) -> dict:
     return out
 
 
-def load_upscalers(methods: list[str], model_dir: Path, cfg: EvalConfig, hr_size: int) -> dict:
-    """The models of ``methods`` (bicubic needs none), on the GPU when there is one."""
+def load_upscalers(methods: list[str], model_dir: Path, cfg: EvalConfig) -> dict:
+    """The models of ``methods`` (bicubic needs none), on the GPU when there is one; each SR model
+    brings its own tokenizer and data facts (model.pt), and samples with ``cfg.<family>``."""
     ups, device = {}, default_device()
     for m in methods:
         if m == "vqvae_rec":
-            vq = load_vqvae(load_model_file(model_dir / "vqvae" / "model.pt", "vqvae"), device)
-            ups[m] = VQVAEReconstructor(vq, hr_size)
-        elif m in ("srvar", "mar"):
+            ups[m] = VQVAEReconstructor(load_vqvae_file(model_dir / "vqvae" / "model.pt", device)[1])
+        elif m in FAMILIES:
             ups[m] = load_upscaler(model_dir / m / "model.pt", cfg, device)
     return ups
 
@@ -158,11 +168,10 @@ def load_upscalers(methods: list[str], model_dir: Path, cfg: EvalConfig, hr_size
 def run_dag(args: argparse.Namespace, params: Params) -> None:
     t0 = time.time()
     cfg = params.eval
-    stats = load_shard_stats(args.shards)
-    scale, hr_size = int(stats["scale"]), int(stats["hr_size"])
+    scale = int(load_shard_stats(args.shards)["scale"])
     model_dir = Path(args.runs)
     methods = list(METHODS)
-    upscalers = load_upscalers(methods, model_dir, cfg, hr_size)
+    upscalers = load_upscalers(methods, model_dir, cfg)
     out = Path(args.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for old in (out / "samples").glob("*.png"):
@@ -189,7 +198,7 @@ def run_dag(args: argparse.Namespace, params: Params) -> None:
 def _log_wandb(params: Params, per_image: pd.DataFrame, metrics: dict, grids: list, runs_dir: Path) -> None:
     from arsr.train.logging import init_wandb
 
-    run = init_wandb("evaluate", {"eval": section_dict(params.eval)}, out_dir=runs_dir)
+    run = init_wandb("evaluate", stage_param_values(params, PARAMS), out_dir=runs_dir)
     flat = {
         f"{d}/{m}/{k}": v[k] for d, rows in metrics.items() for m, v in rows.items() for k in ("psnr", "ssim")
     }
@@ -206,16 +215,12 @@ def run_standalone(args: argparse.Namespace) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise StageError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    cfg = EvalConfig(protocol=args.protocol)
-    hr_size = 0
-    if set(methods) - {"bicubic"}:
-        stats_path = Path(args.model_dir).parent / SHARDS_DIR / "stats.json"
-        hr_size = json.loads(stats_path.read_text())["hr_size"] if stats_path.is_file() else 64
-    upscalers = load_upscalers(methods, Path(args.model_dir), cfg, hr_size)
+    cfg = tool_eval_config(args.params, sampling_overrides(args), args.protocol)
+    upscalers = load_upscalers(methods, Path(args.model_dir), cfg)
     per_image, _ = evaluate(folder_images(Path(args.hr_dir), args.scale), methods, upscalers, args.scale, cfg)
     result = {
         "scale": args.scale,
-        "protocol": args.protocol,
+        "protocol": cfg.protocol,
         "mean": {
             m: {"psnr": float(g.psnr.mean()), "ssim": float(g.ssim.mean())}
             for m, g in per_image.groupby("method")
@@ -227,7 +232,7 @@ def run_standalone(args: argparse.Namespace) -> int:
     }
     write_json(args.json, result)
     for m, v in result["mean"].items():
-        print(f"{m}: PSNR {v['psnr']:.4f} dB  SSIM {v['ssim']:.5f}  ({args.protocol}, x{args.scale})")
+        print(f"{m}: PSNR {v['psnr']:.4f} dB  SSIM {v['ssim']:.5f}  ({cfg.protocol}, x{args.scale})")
     return 0
 
 
@@ -238,14 +243,15 @@ def _add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hr-dir", help="standalone: score this folder (HR/ and optional LR_bicubic/X{s}/)")
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--methods", default="bicubic")
-    ap.add_argument("--protocol", choices=["rgb-uint8", "y-float"], default="rgb-uint8")
+    ap.add_argument("--protocol", choices=["rgb-uint8", "y-float"], help="default: params' eval.protocol")
     ap.add_argument("--model-dir", default=str(RUNS_DIR))
     ap.add_argument("--json", help="standalone: where to write the scores")
+    add_sampling_args(ap)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--hr-dir" in argv:  # standalone mode needs no params.yaml
+    if any(a == "--hr-dir" or a.startswith("--hr-dir=") for a in argv):  # standalone: no params.yaml needed
         ap = argparse.ArgumentParser(prog="arsr evaluate")
         _add_args(ap)
         ap.add_argument("--params", default="params.yaml")
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--json OUT is required with --hr-dir")
         try:
             return run_standalone(args)
-        except (StageError, FileNotFoundError) as err:
+        except USER_ERRORS as err:
             print(f"arsr evaluate: error: {err}", file=sys.stderr)
             return 2
     return stage_main("evaluate", __doc__, run_dag, argv, _add_args)

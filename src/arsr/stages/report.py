@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from arsr.config import Params  # noqa: E402
+from arsr.infer.registry import FAMILIES  # noqa: E402
 from arsr.io import atomic_write_text  # noqa: E402
 from arsr.stages.common import EVAL_DIR, REPORTS_DIR, RUNS_DIR, stage_main  # noqa: E402
 
@@ -80,6 +81,9 @@ def plot_curves(runs: Path, out_png: Path) -> list[str]:
     return list(stages)
 
 
+PARAMS: tuple[str, ...] = ()  # reads no params
+
+
 def run(args: argparse.Namespace, params: Params) -> None:
     runs, eval_dir, out = Path(args.runs), Path(args.eval), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,8 @@ def run(args: argparse.Namespace, params: Params) -> None:
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir()
-        lines += ["## Samples (LR | bicubic | SRVAR | MAR | HR)", ""]
+        columns = " | ".join(["LR", "bicubic", *(f.title for f in FAMILIES.values()), "HR"])
+        lines += [f"## Samples ({columns})", ""]
         for s in samples:
             shutil.copyfile(s, dest / s.name)
             lines += [f"![{s.stem}](samples/{s.name})", ""]

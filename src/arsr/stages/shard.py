@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from arsr.config import DataConfig, load_params, section_dict
+from arsr.config import DataConfig, load_params, stage_param_values
 from arsr.data.shards import SPLITS, ShardSetWriter, crop_grid, decode_png, make_sample, shard_name
 from arsr.data.sources import ImageError, SourceImage, list_sources, load_rgb
 from arsr.io import atomic_write_bytes, write_json
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, stage_main
 
+PARAMS = ("seed", "data")
 EXIF_ORIENTATION = 0x0112
 
 
@@ -250,7 +251,7 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
 def _log_wandb(params, stats: dict, examples: list[dict], runs_dir: str) -> None:
     from arsr.train.logging import init_wandb
 
-    run = init_wandb("shard", {"seed": params.seed, "data": section_dict(params.data)}, out_dir=runs_dir)
+    run = init_wandb("shard", stage_param_values(params, PARAMS), out_dir=runs_dir)
     counts = {f"{s}/{k}": v for s in SPLITS for k, v in stats["splits"][s].items() if k != "shard_sizes"}
     counts["skipped"] = len(stats["skipped"])
     run.log(counts)

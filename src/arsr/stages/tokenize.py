@@ -9,18 +9,21 @@ keys, in the same order:
 
 - ``{key}.idx.npy``  int16 [L]          multi-scale token indices (scales concatenated);
 - ``{key}.f.npy``    float16 [Cv, h, w] pre-quantization latent of the HR crop;
-- ``{key}.lrf.npy``  float16 [Cv, h, w] latent of the LR crop upsampled to the HR size with
-  MATLAB bicubic, rounded to uint8 RGB (the ``rgb-uint8`` protocol's input);
+- ``{key}.lrf.npy``  float16 [Cv, h, w] the LR crop's condition latent
+  (:func:`arsr.infer.tokenizer.lr_condition`: MATLAB bicubic to the HR size in uint8, encoder),
+  the very function every upscaler calls at inference;
 - ``{key}.cls``      the class index, copied.
 
-and ``latent_stats.json``: per-channel mean/std of ``f`` (as stored, float16) over the train split
-(what MAR normalizes its targets with), the tokenizer facts (vocab_size, patch_nums, L, Cvae, grid,
-the sha256 of model.pt) and the data facts (hr_size, scale).
+and ``latent_stats.json``, the :class:`~arsr.data.tokens.TokenFacts` every later stage reads:
+per-channel mean/std of ``f`` (as stored, float16) over the train split (what MAR normalizes its
+targets with), the tokenizer's facts (vocab_size, patch_nums, Cvae, the sha256 of model.pt) and the
+data's (hr_size, scale, num_classes).
 
 ``tokenize.workers`` processes each take whole shards; each encodes in batches of
 ``tokenize.batch_size`` with one torch thread, so the bytes of every tar (mtime 0, fixed owner,
 renamed into place when complete) and of latent_stats.json do not depend on the worker count.
-Throughput goes to ``runs/tokenize/timing.json``.
+Throughput goes to ``runs/tokenize/timing.json``. ``tokenize.workers`` is a RUNTIME key (it reruns
+nothing).
 """
 
 from __future__ import annotations
@@ -40,14 +43,15 @@ import webdataset as wds
 from tqdm import tqdm
 
 from arsr.config import Params
-from arsr.data.imresize import imresize
 from arsr.data.loader import count_samples, load_shard_stats, to_unit_range
 from arsr.data.shards import SPLITS, decode_png, iter_tar_samples, shard_urls
+from arsr.data.tokens import TokenFacts
+from arsr.infer.tokenizer import load_vqvae_file, lr_condition
 from arsr.io import file_sha256, write_json
 from arsr.models.vqvae import VQVAE
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, default_device, stage_main
-from arsr.stages.upscale import load_vqvae as load_vqvae_file
-from arsr.train.checkpoint import load_model_file
+
+PARAMS = ("tokenize",)
 
 INT16_MAX_VOCAB = 2**15  # idx is stored as int16
 
@@ -59,30 +63,16 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_vqvae(path: str | Path, device: torch.device | str = "cpu") -> VQVAE:
-    """The frozen tokenizer (EMA weights) of a ``train_vqvae`` model.pt."""
-    return load_vqvae_file(load_model_file(path, kind="vqvae"), device)
-
-
-def upsample_lr(lr_HWC: np.ndarray, size: int) -> np.ndarray:
-    """uint8 LR crop -> uint8 [size, size, 3] by MATLAB bicubic (what every SR model starts from)."""
-    return imresize(lr_HWC, output_shape=(size, size))
-
-
 @torch.no_grad()
 def encode_batch(vae: VQVAE, samples: list[dict]) -> tuple[list[dict], np.ndarray]:
     """Raw image-shard samples -> (token-shard samples (bytes per member suffix), f as stored
     float16 [B, Cv, h, w])."""
     hr = np.stack([decode_png(s["hr.png"]) for s in samples])
-    size = hr.shape[1]
-    lr_up = np.stack([upsample_lr(decode_png(s["lr.png"]), size) for s in samples])
     device = next(vae.parameters()).device
-    x_hr = torch.stack([to_unit_range(a) for a in hr]).to(device)
-    x_lr = torch.stack([to_unit_range(a) for a in lr_up]).to(device)
-    f_BChw = vae.img_to_f(x_hr)
+    f_BChw = vae.img_to_f(torch.stack([to_unit_range(a) for a in hr]).to(device))
     idx_BL = torch.cat(vae.f_to_idxBl(f_BChw), dim=1).to(torch.int16).cpu().numpy()
     f16 = f_BChw.to(torch.float16).cpu().numpy()
-    lrf16 = vae.img_to_f(x_lr).to(torch.float16).cpu().numpy()
+    lrf16 = lr_condition(vae, [decode_png(s["lr.png"]) for s in samples], hr.shape[1]).cpu().numpy()
     out = [
         {
             "__key__": s["__key__"],
@@ -104,7 +94,7 @@ _worker: dict[str, Any] = {}
 
 def _init_worker(model_path: str, batch_size: int, counter: Any) -> None:
     torch.set_num_threads(1)  # one thread per process: bytes independent of the worker count
-    vae = load_vqvae(model_path, default_device())  # GPU bytes differ from CPU bytes in the last bits
+    _, vae = load_vqvae_file(model_path, default_device())  # GPU bytes differ from CPU's in the last bits
     _worker.update(vae=vae, batch_size=batch_size, counter=counter)
 
 
@@ -186,29 +176,18 @@ def _run_tasks(tasks: list[tuple[str, str]], model: Path, batch_size: int, worke
     return results
 
 
-def latent_stats(results: list[dict], vae_config: dict, model_sha: str, shard_stats: dict) -> dict[str, Any]:
-    """Per-channel mean/std of the stored train latents, plus the tokenizer and data facts."""
+def token_facts(results: list[dict], vae_config: dict, model_sha: str, shard_stats: dict) -> TokenFacts:
+    """Per-channel mean/std of the stored train latents, plus the tokenizer's and the data's facts."""
     n = sum(r["positions"] for r in results)
-    s1 = sum(r["sum"] for r in results)
-    s2 = sum(r["sumsq"] for r in results)
-    mean = s1 / n
-    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
-    pn = vae_config["patch_nums"]
-    return {
-        "split": "train",
-        "samples": sum(r["samples"] for r in results),
-        "positions": n,
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "vocab_size": vae_config["vocab_size"],
-        "Cvae": vae_config["z_channels"],
-        "patch_nums": list(pn),
-        "L": int(sum(p * p for p in pn)),
-        "grid": int(pn[-1]),
-        "hr_size": int(shard_stats["hr_size"]),
-        "scale": int(shard_stats["scale"]),
-        "vqvae_sha256": model_sha,
-    }
+    mean = sum(r["sum"] for r in results) / n
+    std = np.sqrt(np.maximum(sum(r["sumsq"] for r in results) / n - mean**2, 0.0))
+    return TokenFacts(
+        hr_size=int(shard_stats["hr_size"]), scale=int(shard_stats["scale"]),
+        num_classes=int(shard_stats.get("num_classes", 0)), patch_nums=tuple(vae_config["patch_nums"]),
+        vocab_size=int(vae_config["vocab_size"]), Cvae=int(vae_config["z_channels"]), vqvae_sha256=model_sha,
+        samples=sum(r["samples"] for r in results), mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+    )  # fmt: skip
 
 
 def run_tokenize(
@@ -217,13 +196,14 @@ def run_tokenize(
     model: str | Path = RUNS_DIR / "vqvae" / "model.pt",
     out: str | Path = TOKENS_DIR,
     runs: str | Path = RUNS_DIR,
-) -> dict[str, Any]:
-    """Write the token shards and latent_stats.json; returns the stats."""
+) -> TokenFacts:
+    """Write the token shards and their facts (latent_stats.json); returns the facts."""
     cfg, shards, model, out = params.tokenize, Path(shards), Path(model), Path(out)
     t0 = time.perf_counter()
     if not model.is_file():
         raise FileNotFoundError(f"{model} not found (run train_vqvae first)")
-    vae_config = load_model_file(model, kind="vqvae")["config"]
+    vae_config, _ = load_vqvae_file(model)
+    vae_config = vae_config["config"]
     if vae_config["vocab_size"] > INT16_MAX_VOCAB:
         raise StageError(f"vocab_size {vae_config['vocab_size']} does not fit the int16 token files")
     urls = {split: shard_urls(shards, split) for split in SPLITS}
@@ -238,8 +218,8 @@ def run_tokenize(
         if stale.name not in keep:
             stale.unlink()
     train_results = [r for (src, _), r in zip(tasks, results) if src in urls["train"]]
-    stats = latent_stats(train_results, vae_config, file_sha256(model), load_shard_stats(shards))
-    write_json(out / "latent_stats.json", stats)
+    facts = token_facts(train_results, vae_config, file_sha256(model), load_shard_stats(shards))
+    facts.write(out)
 
     elapsed = time.perf_counter() - t0
     n = sum(r["samples"] for r in results)
@@ -251,7 +231,7 @@ def run_tokenize(
     }
     write_json(Path(runs) / "tokenize" / "timing.json", timing)
     print(f"tokenize: {n} samples in {elapsed:.1f} s ({n / elapsed:.1f} img/s, {workers} workers) -> {out}")
-    return stats
+    return facts
 
 
 def _add_args(ap: argparse.ArgumentParser) -> None:

@@ -18,10 +18,10 @@ training batches and, at validation, over the whole val split (EMA weights, fp32
 W&B gets val inputs beside their reconstructions.
 
 Writes ``runs/vqvae/{model.pt,ckpt/,metrics.json,plots/,timing.json}`` through the training engine
-(``model.pt``: kind "vqvae", config = ``VQVAE.model_config()``, EMA weights).
+(``model.pt``: kind "vqvae", config = :class:`~arsr.models.vqvae.VQVAEConfig`, EMA weights).
 
-``vqvae.pretrained: PATH`` adopts official VAR weights instead of training (the ``vqvae`` architecture
-keys must describe them, e.g. ch 160, ch_mult [1, 1, 2, 2, 4], vocab_size 4096, z_channels 32):
+``vqvae.pretrained: PATH`` adopts official VAR weights instead of training (``vqvae.model`` must
+describe them, e.g. ch 160, ch_mult [1, 1, 2, 2, 4], vocab_size 4096, z_channels 32):
 ``model.pt`` is written from them and ``metrics.json`` holds their val numbers.
 """
 
@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from arsr.config import Params, VQVAEConfig, section_dict
-from arsr.data.loader import eval_loader, to_unit_range
+from arsr.config import Params, VQVAESection, stage_param_values
+from arsr.data.loader import eval_loader, to_uint8, to_unit_range
 from arsr.data.shards import decode_png, shard_urls
 from arsr.eval.metrics import psnr, y_uint8
 from arsr.io import atomic_write_text
-from arsr.models.vqvae import VQVAE, build_vqvae, load_official, vqvae_kwargs
+from arsr.models.vqvae import VQVAE, load_official
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, rank_train_iters, stage_main
 from arsr.train.checkpoint import save_model_file
 from arsr.train.dist import DistInfo, all_reduce_sum_, cleanup, init_distributed, print0, unwrap
@@ -56,6 +56,7 @@ from arsr.train.logging import PlotWriter, WandbRun, init_wandb, merge_sums
 # rank, but it prints a 6-line warning.
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
+PARAMS = ("seed", "vqvae")
 RESTART_THRESHOLD = 0.03  # dead: EMA hits < 3% of the mean code's (see MultiScaleQuantizer)
 NUM_VAL_IMAGES = 8  # val inputs shown beside their reconstructions in W&B
 VAL_BATCH = 50
@@ -67,12 +68,6 @@ VAL_BATCH = 50
 def decode_hr(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Image shards -> {"hr": [3, H, W] in [-1, 1]} (the VQVAE never looks at the LR crop)."""
     return {"hr": to_unit_range(decode_png(sample["hr.png"]))}
-
-
-def to_uint8(x_B3HW: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images -> uint8 [B, H, W, 3] (rounded; exact for images decoded from PNG)."""
-    x_uint8 = ((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x_uint8.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def augment(x_B3HW: torch.Tensor) -> torch.Tensor:
@@ -151,7 +146,7 @@ class Validator:
         rec = vae.fhat_to_img(vae.f_to_fhat(f))  # exactly what decoding the stored tokens gives
         for si, idx_Bl in enumerate(vae.f_to_idxBl(f)):
             self.hits_SV[si] += idx_Bl.flatten().bincount(minlength=vae.V).to(self.hits_SV.dtype)
-        psnr_sum = sum(psnr(y_uint8(a), y_uint8(b)) for a, b in zip(to_uint8(rec), to_uint8(x)))
+        psnr_sum = sum(psnr(y_uint8(to_uint8(a)), y_uint8(to_uint8(b))) for a, b in zip(rec, x))
         return {
             "rec_l1": ((rec - x).abs().mean().item() * B, B),
             "rec_l2": (F.mse_loss(rec, x).item() * B, B),
@@ -176,7 +171,7 @@ def recon_grid(vae: VQVAE, x_B3HW: torch.Tensor) -> np.ndarray:
     """uint8 image, one row per input: [input | reconstruction]."""
     with torch.no_grad():
         rec = vae.idxBl_to_img(vae.img_to_idxBl(x_B3HW))
-    rows = [np.concatenate([a, b], axis=1) for a, b in zip(to_uint8(x_B3HW), to_uint8(rec))]
+    rows = [np.concatenate([to_uint8(a), to_uint8(b)], axis=1) for a, b in zip(x_B3HW, rec)]
     return np.concatenate(rows, axis=0)
 
 
@@ -188,25 +183,17 @@ def first_val_images(urls: list[str], n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # The two modes
 # --------------------------------------------------------------------------------------
-def check_config(cfg: VQVAEConfig) -> None:
-    if cfg.perceptual_weight > 0:
-        raise StageError(
-            f"vqvae.perceptual_weight: {cfg.perceptual_weight} needs LPIPS network weights, which arsr "
-            "does not ship and never downloads; set it to 0 (L1 + L2 + VQ losses only)"
-        )
-
-
-def adopt_pretrained(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str, float]:
+def adopt_pretrained(cfg: VQVAESection, params: Params, shards: Path, out: Path) -> dict[str, float]:
     """Write ``model.pt`` from official weights and score them on the val split."""
     path = Path(cfg.pretrained)
     try:
-        vae = load_official(path, **vqvae_kwargs(cfg))
+        vae = load_official(path, cfg.model)
     except ValueError as err:
         raise StageError(
-            f"vqvae.pretrained: {err}. The vqvae architecture keys must describe the file (VAR's "
+            f"vqvae.pretrained: {err}. vqvae.model must describe the file (VAR's "
             "vae_ch160v4096z32.pth: ch 160, ch_mult [1, 1, 2, 2, 4], vocab_size 4096, z_channels 32)"
         ) from None
-    fp = fingerprint("train_vqvae", params, "vqvae", [shards, path])
+    fp = fingerprint("train_vqvae", params, PARAMS, [shards, path])
     if not init_distributed().is_main:  # started under torchrun: rank 0 does it all
         cleanup()
         return {}
@@ -224,7 +211,7 @@ def adopt_pretrained(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) 
     for old in (out / "plots").glob("*.tsv"):
         old.unlink()
     PlotWriter(out / "plots").append(0, {f"val/{k}": v for k, v in val.items()})
-    run = init_wandb("train_vqvae", section_dict(cfg), out_dir=out.parent)
+    run = init_wandb("train_vqvae", stage_param_values(params, PARAMS), out_dir=out.parent)
     run.summary_update({f"final/{k}": v for k, v in val.items()} | {"pretrained": str(path)})
     run.log_images("val/reconstructions", [recon_grid(vae, first_val_images(val_urls, NUM_VAL_IMAGES))])
     run.finish()
@@ -232,11 +219,11 @@ def adopt_pretrained(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) 
     return val
 
 
-def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str, float]:
+def train(cfg: VQVAESection, params: Params, shards: Path, out: Path) -> dict[str, float]:
     tcfg = cfg.train
     dist = init_distributed()
     torch.manual_seed(params.seed)  # identical initial weights on every rank
-    vae = build_vqvae(cfg)
+    vae = VQVAE(cfg.model)
     train_urls, val_urls = shard_urls(shards, "train"), shard_urls(shards, "val")
     mb = micro_batch_size(tcfg, dist.world_size)
 
@@ -271,13 +258,12 @@ def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(train_urls, decode_hr, mb, params.seed, dist, tcfg.workers),
         out_dir=out,
-        fingerprint=fingerprint("train_vqvae", params, "vqvae", [shards]),
+        fingerprint=fingerprint("train_vqvae", params, PARAMS, [shards]),
         seed=params.seed,
         val_fn=validator,
         make_val_iter=validator.make_iter,
         on_step=on_step,
         on_val=on_val,
-        stage="train_vqvae",
         dist_info=dist,
     )
     result = trainer.fit()
@@ -287,14 +273,13 @@ def train(cfg: VQVAEConfig, params: Params, shards: Path, out: Path) -> dict[str
 
 def run(args: argparse.Namespace, params: Params) -> dict[str, float]:
     cfg = params.vqvae
-    check_config(cfg)
     shards, out = Path(args.shards), Path(args.out)
     if cfg.pretrained:
         val = adopt_pretrained(cfg, params, shards, out)
     else:
         val = train(cfg, params, shards, out)
     if val:
-        usage = "  ".join(f"{val[f'code_usage_s{si}']:.2f}" for si in range(len(cfg.patch_nums)))
+        usage = "  ".join(f"{val[f'code_usage_s{si}']:.2f}" for si in range(len(cfg.model.patch_nums)))
         print0(f"train_vqvae: val rec_psnr {val['rec_psnr']:.2f} dB, code usage per scale {usage} -> {out}")
     return val
 

@@ -1,32 +1,6 @@
-"""The training engine shared by every training stage (see engine.py)."""
+"""The training engine shared by every training stage (engine.py), and what it is made of:
+checkpoint.py (model.pt and resumable checkpoints), dist.py, ema.py, optim.py, logging.py.
 
-from arsr.train.checkpoint import CheckpointError, load_model_file, safe_load, save_model_file
-from arsr.train.dist import DistInfo, cleanup, init_distributed, unwrap
-from arsr.train.engine import (
-    NonFiniteLossError,
-    Trainer,
-    TrainingInterrupted,
-    TrainResult,
-    micro_batch_size,
-)
-from arsr.train.logging import WandbRun, init_wandb
-from arsr.train.optim import default_no_weight_decay
-
-__all__ = [
-    "CheckpointError",
-    "DistInfo",
-    "NonFiniteLossError",
-    "TrainResult",
-    "Trainer",
-    "TrainingInterrupted",
-    "WandbRun",
-    "cleanup",
-    "default_no_weight_decay",
-    "init_distributed",
-    "init_wandb",
-    "load_model_file",
-    "micro_batch_size",
-    "safe_load",
-    "save_model_file",
-    "unwrap",
-]
+Import from the modules themselves: this package file imports nothing, so a stage that only
+loads a model.pt (``arsr.train.checkpoint``) does not load the engine with it.
+"""

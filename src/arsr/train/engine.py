@@ -37,13 +37,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from arsr.config import TrainConfig
 from arsr.data.loader import stop_workers
 from arsr.io import atomic_write_text
 from arsr.train.checkpoint import (
@@ -70,6 +69,9 @@ from arsr.train.dist import (
 from arsr.train.ema import EMA
 from arsr.train.logging import MetricMeter, PlotWriter, Progress, WandbRun, init_wandb, merge_sums
 from arsr.train.optim import NoDecayRule, build_optimizer, default_no_weight_decay, lr_factor, peak_lr, set_lr
+
+if TYPE_CHECKING:  # config imports models and infer; only the type is needed here
+    from arsr.config import TrainConfig
 
 Batch = Any
 Metrics = dict[str, "float | torch.Tensor"]
@@ -146,14 +148,11 @@ class Trainer:
         val_fn: ``(ema_model, batch) -> {name: (sum, count)}``, summed over batches and ranks.
         make_val_iter: ``() -> iterable`` of this rank's share of the val set, each sample once.
         no_weight_decay: ``(name, param) -> bool``, the model's AdamW exemptions.
-        model_extra: dict (or a callable returning one) stored in model.pt beside the EMA weights.
+        model_extra: dict stored in model.pt beside the EMA weights (e.g. the tokenizer it needs).
         on_step: ``(step, model)`` after every optimizer step, on every rank (e.g. VQ dead-code
             restarts; it must keep ranks identical). May return metrics to log.
         on_val: ``(step, ema_model, wandb_run)`` at each validation, on rank 0 only (sample
             grids); must not use collectives. May return scalars for W&B.
-        stage: W&B job_type (default ``train_<kind>``); wandb_config: W&B config (default fingerprint);
-        wandb_dir: parent of the ``wandb/`` folder (default the parent of out_dir, i.e. runs/).
-        find_unused_parameters: passed to DDP, for models with parameters a step may not use.
         dist_info: from :func:`init_distributed` (called here when omitted).
     """
 
@@ -172,13 +171,9 @@ class Trainer:
         val_fn: ValFn | None = None,
         make_val_iter: Callable[[], Iterable[Batch]] | None = None,
         no_weight_decay: NoDecayRule = default_no_weight_decay,
-        model_extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+        model_extra: dict[str, Any] | None = None,
         on_step: OnStep | None = None,
         on_val: OnVal | None = None,
-        stage: str | None = None,
-        wandb_config: dict[str, Any] | None = None,
-        wandb_dir: str | Path | None = None,
-        find_unused_parameters: bool = False,
         dist_info: DistInfo | None = None,
     ):
         self.kind, self.model_config, self.cfg = kind, model_config, cfg
@@ -188,10 +183,6 @@ class Trainer:
         self.on_step, self.on_val = on_step, on_val
         self.out_dir = Path(out_dir)
         self.fingerprint, self.seed = fingerprint, seed
-        self.stage = stage or f"train_{kind}"
-        self.wandb_config = wandb_config if wandb_config is not None else fingerprint
-        self.wandb_dir = Path(wandb_dir) if wandb_dir is not None else self.out_dir.parent
-        self.find_unused_parameters = find_unused_parameters
         self.dist = dist_info or init_distributed()
         self.ckpt_path = self.out_dir / "ckpt" / "last.pt"
         micro_batch_size(cfg, self.dist.world_size)  # fail early on an impossible split
@@ -263,7 +254,6 @@ class Trainer:
                 self.model,
                 device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                 **_NO_BUFFER_SYNC,
-                find_unused_parameters=self.find_unused_parameters,
             )
         if cfg.compile:  # the step's forward/backward only; checkpoints and EMA use self.model
             self.ddp_model = torch.compile(self.ddp_model)
@@ -271,7 +261,7 @@ class Trainer:
             PlotWriter(self.out_dir / "plots").truncate_after(self.step)
         run_id = state.get("wandb_id") if state is not None else None
         self.wandb = init_wandb(
-            self.stage, self.wandb_config, out_dir=self.wandb_dir, rank=d.rank, run_id=run_id
+            f"train_{self.kind}", self.fingerprint, out_dir=self.out_dir.parent, rank=d.rank, run_id=run_id
         )
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         print0(
@@ -430,7 +420,7 @@ class Trainer:
 
     def _write_outputs(self, wall_s: float, start_step: int) -> None:
         """model.pt, metrics.json (dvc metrics: deterministic), timing.json (varies per run)."""
-        extra = self.model_extra() if callable(self.model_extra) else (self.model_extra or {})
+        extra = self.model_extra or {}
         save_model_file(
             self.out_dir / "model.pt",
             kind=self.kind,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from arsr.config import TrainConfig
+if TYPE_CHECKING:  # config imports models and infer; only the type is needed here
+    from arsr.config import TrainConfig
+
 
 NoDecayRule = Callable[[str, nn.Parameter], bool]
 

@@ -6,8 +6,9 @@ linearly across each overlap (a tile's own border pixels count little, so no sea
 where two tiles meet). Images smaller than one tile are edge-padded and cropped back.
 
 An :class:`Upscaler` is anything with ``hr_size``, ``scale`` and
-``__call__(lr_B3hw, seed) -> hr_B3HW`` on tensors in [-1, 1]; see the SRVAR/MAR stages. Tiles
-go to the upscaler's ``device`` attribute when it has one (else the CPU).
+``__call__(lr_B3hw, seed) -> hr_B3HW`` on tensors in [-1, 1]: one per model family in
+``arsr.infer`` (registry.py lists them). Tiles go to the upscaler's ``device`` attribute when it
+has one (else the CPU).
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ import torch
 from tqdm import tqdm
 
 from arsr.data.imresize import imresize
+from arsr.data.loader import to_uint8, to_unit_range
 
 
 class Upscaler(Protocol):
+    """LR tiles [B,3,hr_size/scale,hr_size/scale] in [-1,1] -> HR tiles [B,3,hr_size,hr_size] in [-1,1];
+    the same ``seed`` and inputs give the same outputs."""
+
     hr_size: int
     scale: int
 
@@ -39,19 +44,8 @@ class BicubicUpscaler:
         out = []
         for lr in lr_B3hw:
             up = imresize(to_uint8(lr), self.scale)
-            out.append(from_uint8(up))
+            out.append(to_unit_range(up))
         return torch.stack(out)
-
-
-def to_uint8(img_3HW: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float [3, H, W] -> uint8 [H, W, 3] (rounded)."""
-    x = ((img_3HW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def from_uint8(img_HW3: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> [-1, 1] float [3, H, W]."""
-    return torch.from_numpy(np.ascontiguousarray(img_HW3)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -110,7 +104,7 @@ def upscale_images(
     batches = list(_batches(tiles, batch_size))
     bar = tqdm(batches, desc=desc, unit="batch", disable=True if desc is None else None)  # None: TTY only
     for bi, batch in enumerate(bar):
-        lr_B3hw = torch.stack([from_uint8(padded[i][y : y + t_lr, x : x + t_lr]) for i, y, x in batch])
+        lr_B3hw = torch.stack([to_unit_range(padded[i][y : y + t_lr, x : x + t_lr]) for i, y, x in batch])
         out = upscaler(lr_B3hw.to(device), seed + bi).float().clamp(-1, 1).cpu()
         for (i, y, x), hr_3HW in zip(batch, out):
             hr_np = (hr_3HW.permute(1, 2, 0).numpy() + 1.0) * 127.5

@@ -1,0 +1,98 @@
+"""The frozen tokenizer and the LR -> condition-latent step every SR model shares.
+
+``lr_condition`` is the only place an LR image becomes the latent ``lrf`` the SR models are
+conditioned on: uint8 RGB LR -> MATLAB bicubic to the HR size (the ``rgb-uint8`` protocol's input)
+-> VQVAE encoder -> float16 (as the token shards store it). ``tokenize`` writes its output and
+every upscaler computes its input with it, so training and inference inputs are bit-equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arsr.data.imresize import imresize
+from arsr.data.loader import to_unit_range
+from arsr.data.tokens import TokenFacts, TokenFactsError
+from arsr.io import file_sha256
+from arsr.models.vqvae import VQVAE, VQVAEConfig
+from arsr.train.checkpoint import load_model_file
+
+
+def load_vqvae(entry: dict[str, Any], device: torch.device | str = "cpu") -> VQVAE:
+    """A frozen VQVAE from ``{"config", "state_dict"}``: a ``train_vqvae`` model.pt, or the copy an
+    SR model.pt carries in ``extra["vqvae"]``."""
+    vae = VQVAE(VQVAEConfig(**entry["config"]))
+    vae.load_state_dict(entry["state_dict"])
+    return vae.to(device).freeze()
+
+
+def load_vqvae_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], VQVAE]:
+    """``runs/vqvae/model.pt`` -> (the file's dict, the frozen VQVAE with its EMA weights)."""
+    entry = load_model_file(path, kind="vqvae")
+    return entry, load_vqvae(entry, device)
+
+
+def upsample_lr(lr_HWC: np.ndarray, size: int) -> np.ndarray:
+    """uint8 LR [h, w, 3] -> uint8 [size, size, 3] by MATLAB bicubic (what every SR model starts from)."""
+    return imresize(lr_HWC, output_shape=(size, size))
+
+
+@torch.no_grad()
+def lr_condition(vae: VQVAE, lr_uint8: Sequence[np.ndarray], hr_size: int) -> torch.Tensor:
+    """uint8 LR crops [h, w, 3] -> their condition latents ``lrf`` float16 [B, Cv, H/d, W/d] on the
+    VQVAE's device (float16 is how the token shards store them: SR models train on these values)."""
+    device = next(vae.parameters()).device
+    x_B3HW = torch.stack([to_unit_range(upsample_lr(lr, hr_size)) for lr in lr_uint8]).to(device)
+    return vae.img_to_f(x_B3HW).to(torch.float16)
+
+
+def read_token_facts(tokens_dir: str | Path, vqvae_path: str | Path) -> tuple[TokenFacts, dict[str, Any]]:
+    """The token facts, checked against the tokenizer the SR stage is given; -> (facts, VQVAE file).
+
+    Refuses token shards made by another VQVAE (tokenize records its sha256) or whose facts do not
+    describe it (patch_nums, vocab, Cvae, hr_size = grid x downsample)."""
+    facts = TokenFacts.read(tokens_dir)
+    vqvae_path = Path(vqvae_path)
+    if not vqvae_path.is_file():
+        raise FileNotFoundError(f"{vqvae_path} not found (run train_vqvae first)")
+    if facts.vqvae_sha256 != file_sha256(vqvae_path):
+        raise TokenFactsError(
+            f"{tokens_dir} was tokenized with another VQVAE than {vqvae_path} (sha256 differs): "
+            "rerun tokenize"
+        )
+    entry = load_model_file(vqvae_path, kind="vqvae")
+    check_facts_match_vqvae(facts, VQVAEConfig(**entry["config"]), str(tokens_dir))
+    return facts, entry
+
+
+def check_facts_match_vqvae(facts: TokenFacts, cfg: VQVAEConfig, source: str) -> None:
+    if tuple(cfg.patch_nums) != facts.patch_nums or cfg.vocab_size != facts.vocab_size:
+        raise TokenFactsError(
+            f"{source}: patch_nums {list(facts.patch_nums)} / vocab {facts.vocab_size} do not match the "
+            f"VQVAE's {list(cfg.patch_nums)} / {cfg.vocab_size}: rerun tokenize"
+        )
+    if cfg.z_channels != facts.Cvae or facts.grid * cfg.downsample != facts.hr_size:
+        raise TokenFactsError(
+            f"{source}: Cvae {facts.Cvae}, grid {facts.grid} x downsample {cfg.downsample} != hr_size "
+            f"{facts.hr_size} do not match the VQVAE: rerun train_vqvae and tokenize on these shards"
+        )
+
+
+class VQVAEReconstructor:
+    """The VQVAE's reconstruction of an HR tile (scale 1): the ceiling of the token models."""
+
+    scale = 1
+
+    def __init__(self, vqvae: VQVAE):
+        self.vqvae = vqvae
+        self.hr_size = vqvae.patch_nums[-1] * vqvae.downsample
+        self.device = next(vqvae.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, hr_B3HW: torch.Tensor, seed: int) -> torch.Tensor:
+        return self.vqvae.idxBl_to_img(self.vqvae.img_to_idxBl(hr_B3HW))
