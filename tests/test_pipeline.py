@@ -25,6 +25,18 @@ def test_second_dvc_repro_does_nothing_quickly(dvc_project: Path) -> None:
     assert elapsed < 3.0, f"no-op dvc repro took {elapsed:.2f} s"
 
 
+def test_a_logging_only_key_reruns_nothing(dvc_project: Path) -> None:
+    """`dvc exp run -S srvar.train.log_every=5` changes no stage's declared params: nothing reruns,
+    and the workspace is left as it was."""
+    model = dvc_project / "runs" / "srvar" / "model.pt"
+    before = model.stat().st_mtime_ns
+    out = run(["dvc", "exp", "run", "-S", "srvar.train.log_every=5"], dvc_project).stdout
+    assert "Running stage" not in out, out
+    assert model.stat().st_mtime_ns == before
+    run(["git", "checkout", "--", "params.yaml"], dvc_project)
+    run(["dvc", "exp", "remove", "--all"], dvc_project)
+
+
 def test_snakemake_builds_byte_identical_shards_and_dvc_accepts_them(
     dvc_project: Path, smk_project: Path
 ) -> None:

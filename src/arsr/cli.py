@@ -1,29 +1,27 @@
-"""The `arsr` command: one sub-command per DAG stage, plus tools.
-
-arsr shard | train_vqvae | tokenize | train_srvar | train_mar | evaluate | report | upscale
+"""The `arsr` command: one sub-command per module of ``arsr.stages`` (each DAG stage, plus the
+``upscale`` tool); ``arsr <command> --help`` describes each.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 
+import arsr.stages
+
+NOT_COMMANDS = {"common", "launch"}
 COMMANDS = {
-    "shard": "arsr.stages.shard",
-    "train_vqvae": "arsr.stages.train_vqvae",
-    "tokenize": "arsr.stages.tokenize",
-    "train_srvar": "arsr.stages.train_srvar",
-    "train_mar": "arsr.stages.train_mar",
-    "evaluate": "arsr.stages.evaluate",
-    "report": "arsr.stages.report",
-    "upscale": "arsr.stages.upscale",
+    m.name: f"arsr.stages.{m.name}"
+    for m in pkgutil.iter_modules(arsr.stages.__path__)
+    if m.name not in NOT_COMMANDS
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(f"usage: arsr {{{' | '.join(sorted(COMMANDS))}}} [options]\n\n{__doc__.strip()}")
         return 0 if argv else 2
     name, rest = argv[0].replace("-", "_"), argv[1:]
     if name not in COMMANDS:

@@ -26,9 +26,14 @@ import signal
 import subprocess
 import sys
 
-from arsr.config import ConfigError, load_params
+from arsr.config import ConfigError, Params, load_params
 
-SECTIONS = {"train_vqvae": "vqvae", "train_srvar": "srvar", "train_mar": "mar"}
+# A training stage is `train_<section>`, and that params section has a `train` subsection.
+SECTIONS = {
+    f"train_{name}": name
+    for name, field in Params.model_fields.items()
+    if "train" in getattr(field.annotation, "model_fields", {})
+}
 
 
 def rendezvous_port(job_id: str) -> int:

@@ -1,0 +1,57 @@
+"""The one schema: params.yaml's values are its defaults, and every key is spelled out there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arsr.config import ConfigError, Params, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def test_params_yaml_values_are_the_schema_defaults() -> None:
+    """One set of defaults: change a default in the schema (or a model's dataclass) and in
+    params.yaml together, or this fails naming the key."""
+    shipped = _flat(load_params(ROOT / "params.yaml").model_dump(mode="json"))
+    defaults = _flat(Params().model_dump(mode="json"))
+    differ = {k: (shipped[k], defaults[k]) for k in defaults if shipped[k] != defaults[k]}
+    assert not differ, f"params.yaml value != schema default: {differ}"
+
+
+def test_params_yaml_spells_out_every_key() -> None:
+    """DVC declares params key by key: each must be in params.yaml, none may be extra."""
+    raw = _flat(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    defaults = _flat(Params().model_dump(mode="json"))
+    assert sorted(raw) == sorted(defaults)
+
+
+@pytest.mark.parametrize(
+    ("raw", "names"),
+    [
+        ({"srvar": {"model": {"dept": 2}}}, "srvar.model.dept: unknown key"),
+        ({"srvar": {"depth": 2}}, "srvar.depth: unknown key"),
+        ({"vqvae": {"model": {"patch_nums": [1, 3, 2]}}}, "vqvae.model.patch_nums"),
+        ({"mar": {"model": {"encoder_dim": 100, "encoder_heads": 3}}}, "mar.model.encoder_dim"),
+        ({"eval": {"srvar": {"cfg": -1}}}, "eval.srvar.cfg"),
+        ({"eval": {"srvar_cfg": 1.5}}, "eval.srvar_cfg: unknown key"),
+    ],
+)
+def test_a_bad_key_is_named(raw: dict, names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.").replace("[", r"\[")):
+        parse_params(raw)
+
+
+def test_a_partial_train_section_keeps_the_stage_recipe() -> None:
+    p = parse_params({"mar": {"train": {"max_steps": 30}}, "vqvae": {"train": {"nproc": 1}}})
+    assert p.mar.train.max_steps == 30 and p.mar.train.grad_clip == 3.0  # MAR's recipe
+    assert p.vqvae.train.max_steps == 800 and p.vqvae.train.nproc == 1  # the tokenizer's
