@@ -2,7 +2,8 @@
 src/arsr (the import closure, plus config.py), and its params are the keys of the sections the
 stage module names in ``PARAMS`` (RUNTIME keys left out: ``arsr.config.stage_param_keys``).
 
-``python tests/test_dvc_yaml.py`` prints the deps and params every stage should declare.
+``python tests/test_dvc_yaml.py`` prints the deps and params every stage should declare;
+``--write`` puts them into dvc.yaml (data deps, outs and the header comment are kept).
 """
 
 from __future__ import annotations
@@ -114,8 +115,32 @@ def test_every_written_file_is_a_declared_output() -> None:
         assert f"runs/{folder}/timing.json" in outs, f"{stage} does not declare runs/{folder}/timing.json"
 
 
+def write_dvc_yaml() -> None:
+    text = (ROOT / "dvc.yaml").read_text()
+    header = "".join(ln + "\n" for ln in text.splitlines() if ln.startswith("#"))[: text.index("stages:")]
+    doc = yaml.safe_load(text)
+    for stage, spec in doc["stages"].items():
+        files, keys = expected(stage)
+        spec["deps"] = [d for d in spec["deps"] if not d.startswith("src/")] + files
+        spec.pop("params", None)
+        if keys:  # keep the key order cmd, deps, params, outs, metrics
+            items = list(spec.items())
+            items.insert(2, ("params", keys))
+            doc["stages"][stage] = dict(items)
+    body = yaml.safe_dump(doc, sort_keys=False, width=200)
+    lines = []
+    for ln in body.splitlines():
+        stage_line = ln.startswith("  ") and not ln.startswith("   ") and ln.endswith(":")
+        if (stage_line and lines) or ln == "plots:":
+            lines.append("")
+        lines.append(ln)
+    (ROOT / "dvc.yaml").write_text(header + "\n".join(lines).replace("stages:\n\n", "stages:\n") + "\n")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(SRC))
+    if "--write" in sys.argv:
+        write_dvc_yaml()
     for stage in dvc_stages():
         files, keys = expected(stage)
         print(f"{stage}:\n  deps:\n" + "".join(f"    - {f}\n" for f in files))
