@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from arsr.models.mar import MAR
+from arsr.models.mar import MAR, MARConfig
 
 TIMM_STANDIN = '''
 """timm 0.9.12's ViT Block as MAR uses it: same parameter names, the fused SDPA path."""
@@ -122,13 +122,15 @@ def build_pair(ref_dir: Path, device: torch.device) -> tuple[nn.Module, MAR]:
         diffloss_d=t["dl_depth"], diffloss_w=t["dl_width"], num_sampling_steps=t["steps"],
         diffusion_batch_mul=t["batch_mul"],
     )  # fmt: skip
-    ours = MAR(
-        grid_size=16, token_channels=16, num_classes=1000,
-        encoder_dim=t["width"], encoder_depth=t["depth"], encoder_heads=t["heads"],
-        decoder_dim=t["width"], decoder_depth=t["depth"], decoder_heads=t["heads"],
-        buffer_size=t["buffer"], diffloss_depth=t["dl_depth"], diffloss_width=t["dl_width"],
-        num_sampling_steps=t["steps"], diffusion_batch_mul=t["batch_mul"],
+    # every field given: the reference's defaults (label drop .1, dropouts .1, mask ratio >= .7) included
+    config = MARConfig(
+        patch_size=1, encoder_dim=t["width"], encoder_depth=t["depth"], encoder_heads=t["heads"],
+        decoder_dim=t["width"], decoder_depth=t["depth"], decoder_heads=t["heads"], mlp_ratio=4.0,
+        buffer_size=t["buffer"], mask_ratio_min=0.7, cond_drop=0.1, attn_dropout=0.1, proj_dropout=0.1,
+        diffloss_depth=t["dl_depth"], diffloss_width=t["dl_width"], num_sampling_steps=t["steps"],
+        diffusion_batch_mul=t["batch_mul"],
     )  # fmt: skip
+    ours = MAR(config, grid_size=16, token_channels=16, num_classes=1000)
     ours.load_state_dict(ref.state_dict())  # same weights, same layout
     return ref.to(device), ours.to(device)
 

@@ -4,8 +4,8 @@
 
 Run from a project whose ``data/shards``, ``data/tokens`` and ``runs/vqvae/model.pt`` exist
 (``dvc repro tokenize``). Trains SRVAR twice with the real stage (``arsr.stages.launch train_srvar``,
-params.yaml's ``srvar`` section with ``refiner`` false / true, into a temp folder, W&B off), then
-super-resolves the first ``--images`` val crops as ``evaluate`` does (eval defaults: cfg 1.5, seed 0)
+params.yaml's ``srvar`` section with ``model.refiner`` false / true, into a temp folder, W&B off), then
+super-resolves the first ``--images`` val crops as ``evaluate`` does (``eval`` defaults, seed 0)
 and scores Y-PSNR / SSIM:
 
   plain        SRVAR trained without the refiner
@@ -32,15 +32,15 @@ import yaml
 
 from arsr.config import EvalConfig
 from arsr.eval.metrics import score_y
-from arsr.eval.tiling import upscale_image
+from arsr.infer.srvar import make_upscaler
+from arsr.infer.tiling import upscale_image
 from arsr.stages.evaluate import val_images
-from arsr.stages.train_srvar import make_upscaler
 from arsr.train.checkpoint import load_model_file
 
 
 def train(params: dict, refiner: bool, tmp: Path) -> tuple[Path, float]:
     p = json.loads(json.dumps(params))
-    p.setdefault("srvar", {})["refiner"] = refiner
+    p.setdefault("srvar", {}).setdefault("model", {})["refiner"] = refiner
     params_file = tmp / f"params_refiner_{refiner}.yaml"
     params_file.write_text(yaml.safe_dump(p, sort_keys=False))
     out = tmp / f"srvar_refiner_{refiner}"
@@ -75,7 +75,7 @@ def main() -> None:
             model_path, seconds = train(params, refiner, Path(tmp))
             timing[f"train_refiner_{refiner}_s"] = round(seconds, 1)
             d = load_model_file(model_path, kind="srvar")
-            up = make_upscaler(d, cfg, "cpu")
+            up = make_upscaler(d, cfg.srvar, "cpu")
             scale = up.scale
             if not refiner:
                 rows["plain"] = scores(up, images, scale, cfg)

@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from arsr.models.srvar import SRVAR
+from arsr.models.srvar import SRVAR, SRVARConfig
 from arsr.models.var import VAR
-from arsr.models.vqvae import VQVAE
+from arsr.models.vqvae import VAR_VQVAE, VQVAE, VQVAEConfig
 
 
 def timed(fn: Callable[[], object], runs: int) -> float:
@@ -41,8 +41,10 @@ def check_kv_cache(dev: torch.device) -> float:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     pn = (1, 2, 3, 4, 6, 8)
-    vae = VQVAE(vocab_size=512, z_channels=32, ch=32, ch_mult=(1, 2, 2, 4), patch_nums=pn).to(dev).freeze()
-    model = SRVAR(depth=4, patch_nums=pn, vocab_size=512, Cvae=32, drop_path=0.0).to(dev).eval()
+    vq_config = VQVAEConfig(vocab_size=512, z_channels=32, ch=32, ch_mult=(1, 2, 2, 4), patch_nums=pn)
+    vae = VQVAE(vq_config).to(dev).freeze()
+    config = SRVARConfig(depth=4, width=0, heads=0, drop_path=0.0)  # VAR's rule: width 256, 4 heads
+    model = SRVAR(config, patch_nums=pn, vocab_size=512, Cvae=32).to(dev).eval()
     g = torch.Generator(dev).manual_seed(0)
     gt = [torch.randint(0, 512, (4, p * p), generator=g, device=dev) for p in pn]
     lrf = torch.randn(4, 32, 8, 8, generator=g, device=dev)
@@ -83,7 +85,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     B = args.batch
-    vae = VQVAE().to(dev).freeze()  # VAR's tokenizer layout (random weights: timing only)
+    vae = VQVAE(VAR_VQVAE).to(dev).freeze()  # VAR's tokenizer layout (random weights: timing only)
     model = VAR(depth=16).to(dev)
     label = torch.randint(0, 1000, (B,), device=dev)
     gt = [torch.randint(0, 4096, (B, p * p), device=dev) for p in model.patch_nums]

@@ -12,7 +12,7 @@ import pytest
 from imagezoo import photo
 
 from arsr.data.imresize import imresize
-from arsr.eval.tiling import BicubicUpscaler, tile_starts, upscale_image, upscale_images
+from arsr.infer.tiling import BicubicUpscaler, tile_starts, upscale_image, upscale_images
 
 PUBLISHED = {  # shared/data/sr_benchmarks/README.md
     "y-float": {2: (33.66, 0.9299), 3: (30.39, 0.8682), 4: (28.42, 0.8104)},

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from arsr.config import MARConfig
-from arsr.models.mar import (
-    MAR,
-    build_mar_sr,
-    mar_base,
-    mar_huge,
-    mar_large,
-    mask_schedule,
-    tokens_per_step,
-)
+from arsr.data.tokens import TokenFacts
+from arsr.infer.mar import build_mar_sr
+from arsr.models.mar import MAR, MAR_B, MAR_H, MAR_L, MARConfig, mask_schedule, tokens_per_step
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mar_base_keys.tsv"
+
+# The hyperparameters these tests were written against (MAR's constructor defaults before MARConfig);
+# the other fields (patch 1, mlp 4, mask ratio >= .7, cond drop .1, dropouts .1, 4 noise draws per
+# token) equal MARConfig's defaults. The tiny models below override the sizes.
+BASE = MARConfig(
+    encoder_dim=1024, encoder_depth=16, encoder_heads=16, decoder_dim=1024, decoder_depth=16,
+    decoder_heads=16, buffer_size=64, diffloss_depth=3, diffloss_width=1024, num_sampling_steps="100",
+)  # fmt: skip
+TINY_SR = replace(
+    BASE, encoder_dim=32, encoder_depth=1, encoder_heads=4, decoder_dim=32, decoder_depth=1,
+    decoder_heads=4, buffer_size=4, diffloss_depth=1, diffloss_width=32, num_sampling_steps="ddim10",
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,25 +43,10 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_sr(**kw) -> MAR:
-    """A 4x4 grid of 4-channel latents, LR grid of 4 channels: 16 tokens."""
-    args = dict(
-        grid_size=4,
-        token_channels=4,
-        lr_channels=4,
-        num_classes=0,
-        encoder_dim=32,
-        encoder_depth=1,
-        encoder_heads=4,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=4,
-        buffer_size=4,
-        diffloss_depth=1,
-        diffloss_width=32,
-        num_sampling_steps="ddim10",
-    )
-    return MAR(**(args | kw))
+def tiny_sr(grid_size: int = 4, num_classes: int = 0, **kw) -> MAR:
+    """A 4x4 grid of 4-channel latents, LR grid of 4 channels: 16 tokens. ``kw``: MARConfig fields."""
+    config = replace(TINY_SR, **kw)
+    return MAR(config, grid_size=grid_size, token_channels=4, lr_channels=4, num_classes=num_classes)
 
 
 # --------------------------------------------------------------------------------------
@@ -66,36 +57,45 @@ def test_mar_base_state_dict_equals_official_key_table():
         pytest.skip(f"{KEYS_TSV} not found (../shared is provided in CI)")
     rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines()[1:]]
     with torch.device("meta"):
-        model = mar_base(num_classes=1000)
+        model = MAR(MAR_B, grid_size=16, token_channels=16, num_classes=1000)
     got = [(k, "x".join(map(str, v.shape))) for k, v in model.state_dict().items()]
     assert got == [(r[0], r[1]) for r in rows]  # key for key, shape for shape, same order
 
 
-@pytest.mark.parametrize(("factory", "millions"), [(mar_base, 207.9), (mar_large, 478.3), (mar_huge, 942.4)])
-def test_parameter_counts(factory, millions):
+@pytest.mark.parametrize(("config", "millions"), [(MAR_B, 207.9), (MAR_L, 478.3), (MAR_H, 942.4)])
+def test_parameter_counts(config, millions):
     with torch.device("meta"):
-        model = factory(num_classes=1000)
+        model = MAR(config, grid_size=16, token_channels=16, num_classes=1000)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
 
 
-def test_kwargs_rebuild_the_same_architecture():
+def test_model_config_rebuilds_the_same_architecture():
+    facts = dict(grid_size=16, token_channels=16, num_classes=10)
     with torch.device("meta"):
-        a = mar_large(num_classes=10)
-        b = MAR(**a.kwargs)
+        a = MAR(MAR_L, **facts)
+        b = MAR(MARConfig(**a.model_config()), **facts)
+    assert b.model_config() == a.model_config()
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
 
 
 def test_build_from_mar_config():
-    cfg = MARConfig()
-    model = build_mar_sr(cfg, latent_channels=32, grid_size=8)
+    cfg = MARConfig(  # the sizes of the former params.yaml defaults (width 256, 4 + 4 blocks, heads 4)
+        encoder_dim=256, encoder_depth=4, encoder_heads=4, decoder_dim=256, decoder_depth=4, decoder_heads=4,
+        buffer_size=16, diffloss_depth=3, diffloss_width=256, num_sampling_steps="ddim25",
+    )  # fmt: skip
+    facts = TokenFacts(
+        hr_size=64, scale=4, num_classes=0, patch_nums=(1, 2, 4, 8), vocab_size=64, Cvae=32,
+        vqvae_sha256="0" * 64, samples=1, mean=(0.0,) * 32, std=(1.0,) * 32,
+    )  # fmt: skip
+    model = build_mar_sr(cfg, facts)
     assert model.seq_len == 64 and model.token_dim == 32 and model.buffer_size == cfg.buffer_size
     assert model.encoder_pos_embed_learned.shape == (1, 16 + 64, 256)
     assert len(model.encoder_blocks) == 4 and len(model.diffloss.net.res_blocks) == 3
     assert model.diffloss.gen_diffusion.num_timesteps == len(model.diffloss.gen_diffusion.timestep_map)
-    rebuilt = MAR(**model.kwargs)
+    rebuilt = build_mar_sr(MARConfig(**model.model_config()), facts)
     rebuilt.load_state_dict(model.state_dict())  # strict
     assert not hasattr(model, "class_emb")
-    assert hasattr(build_mar_sr(cfg, 32, 8, num_classes=5), "class_emb")
+    assert hasattr(build_mar_sr(cfg, replace(facts, num_classes=5)), "class_emb")
 
 
 # --------------------------------------------------------------------------------------
@@ -193,19 +193,10 @@ def test_decoder_sees_lr_at_masked_positions():
 
 def test_class_mode_forward_and_unconditional():
     model = MAR(
+        replace(TINY_SR, buffer_size=2, num_sampling_steps="5"),
         grid_size=4,
         token_channels=4,
         num_classes=10,
-        encoder_dim=32,
-        encoder_depth=1,
-        encoder_heads=4,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=4,
-        buffer_size=2,
-        diffloss_depth=1,
-        diffloss_width=32,
-        num_sampling_steps="5",
     )
     x = torch.randn(2, 4, 4, 4)
     assert torch.isfinite(model(x, labels_B=torch.tensor([1, 2]), generator=_gen(0)))
@@ -277,11 +268,8 @@ def test_overfit_eight_samples():
     x = torch.randn(8, 4, 4, 4, generator=g)
     lrf = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2)
     torch.manual_seed(0)
-    model = MAR(
-        grid_size=4,
-        token_channels=4,
-        lr_channels=4,
-        num_classes=0,
+    config = replace(
+        BASE,
         encoder_dim=64,
         encoder_depth=1,
         encoder_heads=4,
@@ -297,6 +285,7 @@ def test_overfit_eight_samples():
         # trained head's eps error is amplified ~1e3 x; "50" samples diverge here (see report)
         num_sampling_steps="ddim50",
     )
+    model = MAR(config, grid_size=4, token_channels=4, lr_channels=4, num_classes=0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
     gen = _gen(1)
     losses = []
@@ -333,10 +322,8 @@ def test_no_weight_decay_rule():
 
 
 def _tiny_class_model() -> MAR:
-    return MAR(
-        grid_size=2,
-        token_channels=4,
-        num_classes=3,
+    config = replace(
+        BASE,
         encoder_dim=16,
         encoder_depth=1,
         encoder_heads=2,
@@ -348,6 +335,7 @@ def _tiny_class_model() -> MAR:
         diffloss_width=16,
         num_sampling_steps="5",
     )
+    return MAR(config, grid_size=2, token_channels=4, num_classes=3)
 
 
 def test_load_official(tmp_path):

@@ -7,27 +7,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from arsr.config import SRVARConfig
 from arsr.models.layers import sample_top_k_top_p
-from arsr.models.srvar import SRVAR, build_srvar, init_from, last_scale_residual, srvar_kwargs, srvar_loss
+from arsr.models.srvar import SRVAR, SRVARConfig, init_from, last_scale_residual, srvar_loss
 from arsr.models.var import VAR, ar_loss
-from arsr.models.vqvae import VQVAE
+from arsr.models.vqvae import VQVAE, VQVAEConfig
 
 PN = (1, 2, 3, 4)  # L = 30, 4x4 latent (and 4x4 LR grid)
 TINY_VAE = dict(vocab_size=32, z_channels=16, ch=8, ch_mult=(1, 2), patch_nums=PN)
-TINY = dict(depth=2, width=64, patch_nums=PN, vocab_size=32, Cvae=16, drop_path=0.0)
+TINY = dict(depth=2, width=64, heads=0, drop_path=0.0)  # SRVARConfig fields (heads 0: VAR's rule)
+TOKENIZER = dict(patch_nums=PN, vocab_size=32, Cvae=16)  # the tokenizer's facts
 REFINER = dict(refiner=True, refiner_width=32, refiner_depth=1, refiner_steps="4")
 
 
 def tiny_vae() -> VQVAE:
     torch.manual_seed(0)
-    return VQVAE(**TINY_VAE).freeze()
+    return VQVAE(VQVAEConfig(**TINY_VAE)).freeze()
 
 
 def tiny_srvar(**kw) -> SRVAR:
     """A tiny SRVAR, weights perturbed so the condition visibly matters (a fresh init is near-identity)."""
     torch.manual_seed(1)
-    model = SRVAR(**{**TINY, **kw})
+    model = SRVAR(SRVARConfig(**{**TINY, **kw}), **TOKENIZER)
     with torch.no_grad():
         for p in model.parameters():  # (the refiner's last layer starts at zero, as in MAR)
             p.add_(torch.randn_like(p) * 0.05)
@@ -133,12 +133,16 @@ def test_cfg0_is_conditional_only_and_cfg_changes_tokens() -> None:
 
 # ---- builder, optimizer rule, init_from --------------------------------------------------------------
 def test_builder_config_roundtrip_and_no_decay() -> None:
-    cfg = SRVARConfig(depth=2, width=64, refiner=True, refiner_width=32, refiner_depth=1, refiner_steps="4")
-    model = build_srvar(cfg, PN, vocab_size=32, Cvae=16, refiner_scale=0.7)
+    cfg = SRVARConfig(
+        depth=2, width=64, heads=0, refiner=True, refiner_width=32, refiner_depth=1, refiner_steps="4"
+    )
+    model = SRVAR(cfg, PN, vocab_size=32, Cvae=16, refiner_scale=0.7)
     assert model.C == 64 and model.num_heads == 2 and model.alng == cfg.alng
-    assert srvar_kwargs(cfg, PN, 32, 16, 0.7)["refiner_scale"] == 0.7
-    rebuilt = SRVAR(**model.model_config())
+    assert float(model.refiner_scale) == pytest.approx(0.7)
+    rebuilt = SRVAR(SRVARConfig(**model.model_config()), PN, vocab_size=32, Cvae=16)
+    assert rebuilt.model_config() == model.model_config()
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)  # the refiner's scale is a buffer
     assert float(rebuilt.refiner_scale) == pytest.approx(0.7)
     exempt = {n for n, p in model.named_parameters() if model.no_weight_decay(n, p)}
     for name in ("cfg_uncond", "lr_pos_embed", "blocks.0.ca_gamma", "blocks.0.attn.scale_mul_1H11",
@@ -157,7 +161,7 @@ def test_init_from_official_var(tmp_path: Path) -> None:
     torch.manual_seed(0)
     var = VAR(depth=2, width=64, num_classes=10, patch_nums=PN, vocab_size=32, Cvae=16)
     torch.save(var.state_dict(), tmp_path / "var.pth")
-    model = SRVAR(**TINY)
+    model = SRVAR(SRVARConfig(**TINY), **TOKENIZER)
     report = init_from(model, tmp_path / "var.pth")
     assert "blocks.1.attn.mat_qkv.weight" in report.loaded and "head.weight" in report.loaded
     assert torch.equal(model.blocks[1].ffn.fc2.weight, var.blocks[1].ffn.fc2.weight)
@@ -165,7 +169,8 @@ def test_init_from_official_var(tmp_path: Path) -> None:
     assert "class_emb.weight: not in SRVAR" in report.skipped
     assert "attn_bias_for_masking: buffer (derived)" in report.skipped
     assert len(report.loaded) + len(report.new) == len(list(model.parameters()))
-    other = SRVAR(**{**TINY, "patch_nums": (1, 2, 4)})  # another pyramid: positions do not transfer
+    # another pyramid: positions do not transfer
+    other = SRVAR(SRVARConfig(**TINY), **{**TOKENIZER, "patch_nums": (1, 2, 4)})
     report = init_from(other, tmp_path / "var.pth")
     assert any(s.startswith("pos_1LC: shape") for s in report.skipped) and "pos_1LC" in report.new
 

@@ -11,7 +11,7 @@ import torch
 
 from arsr.models.layers import sample_top_k_top_p
 from arsr.models.var import VAR, ar_loss, cfg_mix, load_official, var_no_weight_decay
-from arsr.models.vqvae import VQVAE
+from arsr.models.vqvae import VQVAE, VQVAEConfig
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "var_d16_keys.tsv"
 PN = (1, 2, 3, 4)  # L = 30, 4x4 latent
@@ -21,7 +21,7 @@ TINY_VAR = dict(depth=2, width=64, num_classes=10, patch_nums=PN, vocab_size=32,
 
 def tiny_vae() -> VQVAE:
     torch.manual_seed(0)
-    return VQVAE(**TINY_VAE).freeze()
+    return VQVAE(VQVAEConfig(**TINY_VAE)).freeze()
 
 
 def tiny_var(**kw) -> VAR:
@@ -206,7 +206,7 @@ def test_guidance_before_the_head_equals_mixing_logits() -> None:
     cond_BD = model.class_emb(torch.tensor([1, 2, 10, 10]))  # conditional half, then the null class
     raw, guided = [], []
     for seen, cfg in ((raw, None), (guided, 2.0)):
-        model.decode(cond_BD, cond_BD, vae, 2, lambda si, lg, seen=seen: seen.append(lg) or gt[si], cfg=cfg)
+        model.decode(cond_BD, vae, 2, lambda si, lg, seen=seen: seen.append(lg) or gt[si], cfg=cfg)
     for si, (r, g) in enumerate(zip(raw, guided)):
         assert g.shape[0] == 2 and (g - cfg_mix(r, 2.0 * si / 3)).abs().max() < 1e-5
 

@@ -11,9 +11,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from arsr.config import VQVAEConfig
 from arsr.models.quant import MultiScaleQuantizer, phi_ticks
-from arsr.models.vqvae import VAR_PATCH_NUMS, VQVAE, build_vqvae, load_official
+from arsr.models.vqvae import VAR_PATCH_NUMS, VAR_VQVAE, VQVAE, VQVAEConfig, load_official
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "var_vqvae_ch160v4096z32_keys.tsv"
 
@@ -33,7 +32,7 @@ def one_thread():
 
 def tiny(seed: int = 0, **kw) -> VQVAE:
     torch.manual_seed(seed)
-    return VQVAE(**{**TINY, **kw})
+    return VQVAE(VQVAEConfig(**{**TINY, **kw}))
 
 
 def images(B: int = 2, side: int = 8, seed: int = 1) -> torch.Tensor:
@@ -63,7 +62,7 @@ def read_key_table() -> dict[str, tuple[int, ...]]:
 @pytest.mark.skipif(not KEYS_TSV.is_file(), reason=f"{KEYS_TSV} not found (../shared is provided in CI)")
 def test_default_vqvae_state_dict_is_the_official_key_table():
     with torch.device("meta"):
-        vae = VQVAE()
+        vae = VQVAE(VAR_VQVAE)
     mine = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     ref = read_key_table()
     assert sorted(set(mine) ^ set(ref)) == []
@@ -249,13 +248,13 @@ def test_tiny_model_overfits_one_batch():
 # Config, rebuild, loading
 # ------------------------------------------------------------------------------------------
 def test_build_from_cpu_default_config():
-    vae = build_vqvae(VQVAEConfig())
+    vae = VQVAE(VQVAEConfig())
     assert vae.L == 155 and vae.downsample == 8 and vae.V == 512 and vae.first_l == 1
     x = images(B=1, side=64)
     idx = vae.img_to_idxBl(x)
     assert [t.shape[1] for t in idx] == [1, 4, 9, 16, 25, 36, 64]
     assert vae.idxBl_to_var_input(idx).shape == (1, 154, 32)
-    rebuilt = VQVAE(**vae.model_config())
+    rebuilt = VQVAE(VQVAEConfig(**vae.model_config()))
     assert rebuilt.model_config() == vae.model_config()
     rebuilt.load_state_dict(vae.state_dict(), strict=True)
 
@@ -266,11 +265,11 @@ def test_load_official_roundtrip_and_other_patch_nums(tmp_path: Path):
     path = tmp_path / "vae.pth"
     torch.save(vae.state_dict(), path)
     arch = {k: v for k, v in TINY.items() if k != "patch_nums"}
-    loaded = load_official(path, **arch, patch_nums=(1, 2, 3, 4))
+    loaded = load_official(path, VQVAEConfig(**arch, patch_nums=(1, 2, 3, 4)))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
     # same weights, a different scale schedule: only the usage buffer (shape [SN, V]) is not taken over
-    other = load_official(path, **arch, patch_nums=(1, 2, 4))
+    other = load_official(path, VQVAEConfig(**arch, patch_nums=(1, 2, 4)))
     assert other.quantize.ema_vocab_hit_SV.shape == (3, 32)
     assert torch.equal(other.quantize.embedding.weight, vae.quantize.embedding.weight)
 

@@ -6,7 +6,7 @@ f_hat   --post_quant_conv--> --Decoder-->  rec_B3HW (clamped to [-1, 1] outside 
 
 The encoder/decoder are the SD/LDM ones VAR uses: GroupNorm(32, eps 1e-6) + SiLU, ResnetBlocks
 (2 per level down, 3 up), single-head attention at the lowest resolution and in the middle,
-pad-(0,1,0,1) stride-2 conv to go down, nearest x2 + conv to go up. ``VQVAE()`` with no arguments has
+pad-(0,1,0,1) stride-2 conv to go down, nearest x2 + conv to go up. ``VQVAE(VAR_VQVAE)`` has
 exactly the state dict of VAR's ``vae_ch160v4096z32.pth`` (108,989,315 numbers incl. the usage buffer),
 so :func:`load_official` loads it strictly.
 """
