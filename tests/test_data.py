@@ -81,7 +81,10 @@ def test_imresize_float_and_shapes() -> None:
         ({"data": {"scale": "four"}}, "data.scale: Input should be a valid integer"),
         ({"srvar": {"train": {"batch_size": 5, "nproc": 2}}}, "srvar.train.batch_size: 5 is not divisible"),
         ({"mar": {"train": {"amp": "fp16"}}}, "mar.train.amp: 'fp16' needs CUDA"),
-        ({"vqvae": {"patch_nums": [1, 2, 3]}}, "vqvae.patch_nums: last entry 3 must equal the latent grid"),
+        (
+            {"vqvae": {"model": {"patch_nums": [1, 2, 3]}}},
+            "vqvae.model.patch_nums: last entry 3 must equal the latent grid",
+        ),
         ({"data": {"labels": "dirs"}}, "data.labels: Input should be 'none' or 'folder'"),
     ],
 )
@@ -100,11 +103,13 @@ def test_shipped_params_yaml_is_valid() -> None:
 # The shard stage on awkward inputs
 # --------------------------------------------------------------------------------------
 TINY = {"hr_size": 16, "scale": 4, "crop_stride": 16, "min_shards": 2, "workers": 2}
-TINY_VQ = {"patch_nums": [1, 2]}
+TINY_VQ = {"model": {"patch_nums": [1, 2]}}
+# MAR's recipe (nproc 2 x workers 2) needs 4 shards per split; 2 shards need 1 worker per rank.
+TINY_MAR = {"train": {"workers": 1}}
 
 
 def write_params(path: Path, data: dict, seed: int = 0) -> Path:
-    path.write_text(yaml.safe_dump({"seed": seed, "data": data, "vqvae": TINY_VQ}))
+    path.write_text(yaml.safe_dump({"seed": seed, "data": data, "vqvae": TINY_VQ, "mar": TINY_MAR}))
     return path
 
 
@@ -386,15 +391,15 @@ def test_shard_logs_counts_and_examples_to_offline_wandb(builtin_shards: Path) -
     records = read_run(runs[0])
     info = run_info(records)
     assert info["job_type"] == "shard" and info["run_group"].startswith("pipe-")
-    assert info["config"]["update"]["data"]["hr_size"] == 64
+    assert info["config"]["update"]["data.hr_size"] == 64  # the stage's params, by key
     logged = history_keys(records)
     assert {"train/samples", "val/samples", "train/shards", "skipped", "examples.filenames"} <= logged
     assert list((runs[0] / "files" / "media" / "images").glob("examples_*.png"))
 
 
 def test_partial_mar_train_section_keeps_mar_defaults() -> None:
-    params = parse_params({"mar": {"train": {"max_steps": 3}}})
-    assert params.mar.train.max_steps == 3
+    params = parse_params({"mar": {"train": {"max_steps": 30}}})  # >= MAR's 10 warm-up steps
+    assert params.mar.train.max_steps == 30
     assert (params.mar.train.grad_clip, params.mar.train.weight_decay) == (
         3.0,
         0.02,

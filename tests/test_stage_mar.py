@@ -9,6 +9,7 @@ and run `arsr upscale` on the resulting model.pt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,14 +23,16 @@ from PIL import Image
 from stage_helpers import one_thread, write_params_file  # noqa: F401 (one_thread: autouse)
 
 from arsr.cli import main as arsr_main
-from arsr.config import EvalConfig, load_params
+from arsr.config import load_params
 from arsr.data.loader import decode_pair, decode_tokens, eval_loader
 from arsr.data.shards import shard_urls
-from arsr.models.mar import MAR, mar_sr_kwargs
-from arsr.models.vqvae import build_vqvae
+from arsr.data.tokens import TokenFacts
+from arsr.infer.mar import LatentNorm, MARSampling, build_mar_sr, make_upscaler
+from arsr.infer.tokenizer import load_vqvae, upsample_lr
+from arsr.models.mar import MAR, MARConfig
+from arsr.models.vqvae import VQVAE
 from arsr.stages import tokenize, train_mar
 from arsr.stages.shard import run_shard
-from arsr.stages.upscale import load_vqvae
 from arsr.train.checkpoint import load_model_file, save_model_file
 from arsr.train.dist import DistInfo
 
@@ -38,14 +41,15 @@ TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 6,
              "min_shards": 2, "workers": 1},
-    "vqvae": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
-              "patch_nums": [1, 2, 3, 4]},
+    "vqvae": {"model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
+                        "patch_nums": [1, 2, 3, 4]}},
     "tokenize": {"batch_size": 8, "workers": 1},
-    "mar": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "heads": 2, "buffer_size": 4,
-            "diffloss_width": 32, "diffloss_depth": 1, "num_sampling_steps": "ddim4",
+    "mar": {"model": {"encoder_dim": 32, "decoder_dim": 32, "encoder_depth": 1, "decoder_depth": 1,
+                      "encoder_heads": 2, "decoder_heads": 2, "buffer_size": 4, "diffloss_width": 32,
+                      "diffloss_depth": 1, "num_sampling_steps": "ddim4"},
             "train": {"nproc": 2, "workers": 0, "max_steps": STEPS, "batch_size": 8, "base_lr": 0.01,
-                      "val_every": 2, "log_every": 2, "ckpt_every": 100}},
-    "eval": {"mar_num_iter": 2},
+                      "warmup_steps": 0, "val_every": 2, "log_every": 2, "ckpt_every": 100}},
+    "eval": {"mar": {"num_iter": 2}},
 }  # fmt: skip
 
 
@@ -57,7 +61,7 @@ def make_tokens(root: Path, params_path: Path, seed: int = 0) -> None:
     """shards/ -> runs/vqvae/model.pt (an untrained tokenizer) -> tokens/ with latent_stats.json."""
     params = load_params(params_path)
     torch.manual_seed(seed)
-    vae = build_vqvae(params.vqvae)
+    vae = VQVAE(params.vqvae.model)
     model = root / "runs/vqvae/model.pt"
     save_model_file(model, kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict())
     tokenize.run_tokenize(params, root / "shards", model, root / "tokens", root / "runs")
@@ -90,19 +94,30 @@ def latent_stats(proj: Path) -> dict:
     return json.loads((proj / "tokens/latent_stats.json").read_text())
 
 
+def load_mar(d: dict) -> MAR:
+    """The MAR-SR of a model.pt dict (EMA weights, strict load)."""
+    facts = TokenFacts.from_dict(d["extra"]["token_facts"])
+    model = build_mar_sr(MARConfig(**d["config"]), facts)
+    model.load_state_dict(d["state_dict"])  # strict
+    return model
+
+
 # ------------------------------------------------------------------------------------------
 # train_mar
 # ------------------------------------------------------------------------------------------
 def test_model_file_is_self_contained(proj: Path):
     d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
     params, stats = load_params(proj / "params.yaml"), latent_stats(proj)
-    assert d["config"] == mar_sr_kwargs(params.mar, latent_channels=8, grid_size=4, num_classes=0)
+    assert d["config"] == dataclasses.asdict(params.mar.model)
     assert d["step"] == STEPS and d["fingerprint"]["stage"] == "train_mar"
-    MAR(**d["config"]).load_state_dict(d["state_dict"])  # strict
+    load_mar(d)  # strict
     extra = d["extra"]
-    assert (extra["hr_size"], extra["scale"]) == (32, 4)
-    assert extra["latent_stats"]["mean"] == pytest.approx(stats["mean"])
-    assert extra["latent_stats"]["std"] == pytest.approx(stats["std"])
+    facts = TokenFacts.from_dict(extra["token_facts"])
+    assert (facts.hr_size, facts.scale) == (32, 4)
+    assert (facts.Cvae, facts.grid, facts.num_classes) == (8, 4, 0)
+    assert extra["token_facts"]["mean"] == pytest.approx(stats["mean"])
+    assert extra["token_facts"]["std"] == pytest.approx(stats["std"])
+    assert extra["token_facts"] == stats
     vqvae = load_model_file(proj / "runs/vqvae/model.pt", kind="vqvae")
     assert extra["vqvae"]["config"] == vqvae["config"]
     for k, v in vqvae["state_dict"].items():
@@ -125,10 +140,9 @@ def test_val_loss_is_the_ema_models_loss_over_the_val_split(proj: Path):
     """Recompute metrics.json's val diff_loss from model.pt: each rank's share of the val split,
     with the per-(rank, batch) generators, under bf16 autocast like the engine."""
     d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
-    model = MAR(**d["config"])
-    model.load_state_dict(d["state_dict"])
+    model = load_mar(d)
     model.eval()
-    norm = train_mar.LatentNorm(d["extra"]["latent_stats"]["mean"], d["extra"]["latent_stats"]["std"])
+    norm = LatentNorm(d["extra"]["token_facts"]["mean"], d["extra"]["token_facts"]["std"])
     urls = shard_urls(proj / "tokens", "val")
     total, count = 0.0, 0
     for rank in range(2):
@@ -158,12 +172,28 @@ def test_wandb_gets_losses_and_sample_grids(proj: Path):
 def test_inputs_from_another_tokenizer_are_refused(proj: Path, tmp_path: Path, capsys):
     params = write_params(tmp_path)
     other = tmp_path / "other_vqvae.pt"
-    vae = build_vqvae(load_params(params).vqvae)
+    vae = VQVAE(load_params(params).vqvae.model)
     save_model_file(other, kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict())
     args = stage_args(proj, params, tmp_path / "mar")
     args[args.index("--vqvae") + 1] = str(other)
     assert train_mar.main(args) == 2
-    assert "rerun the tokenize stage" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tokenized with another VQVAE" in err and "rerun tokenize" in err
+
+
+@pytest.mark.parametrize("key", ["hr_size", "scale", "num_classes"])
+def test_token_facts_are_read_strictly(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture, key: str):
+    """The data facts come from latent_stats.json only (no fallback to the image shards'
+    stats.json): a missing key is one clear line naming the file and the key, exit status 2."""
+    (tmp_path / "tokens").mkdir()
+    facts_file = tmp_path / "tokens/latent_stats.json"
+    facts_file.write_text(json.dumps({k: v for k, v in latent_stats(proj).items() if k != key}))
+    args = stage_args(proj, proj / "params.yaml", tmp_path / "mar")
+    args[args.index("--tokens") + 1] = str(tmp_path / "tokens")
+    assert train_mar.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"arsr train_mar: error: {facts_file}: missing {key}" in err and "rerun" in err
+    assert not (tmp_path / "mar").exists()
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,30 +208,52 @@ def val_pairs(proj: Path, n: int) -> tuple[dict, dict]:
 
 def test_upscaler_conditions_on_lrf_as_tokenize_computed_it(proj: Path):
     d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
-    up = train_mar.make_upscaler(d, EvalConfig(), "cpu")
+    up = make_upscaler(d, MARSampling(), "cpu")
     images, tokens = val_pairs(proj, 4)
     torch.testing.assert_close(
-        up.lr_latents(images["lr"]), up.norm.normalize(tokens["lrf"]), rtol=0, atol=2e-2 / min(up.norm.std_C)
+        up.condition(images["lr"]), up.norm.normalize(tokens["lrf"]), rtol=0, atol=2e-2 / min(up.norm.std_C)
     )  # float16 storage of lrf
+
+
+def test_inference_input_is_bit_equal_to_training_input(proj: Path):
+    """MAR-SR's inference input is bit-equal to its training input for the same LR: the token
+    shard's stored ``lrf`` (float16), normalized as ``train_mar.mar_loss`` hands it to the model,
+    equals ``MARUpscaler.condition`` of the image shard's LR crop."""
+    up = make_upscaler(load_model_file(proj / "runs/mar/model.pt", kind="mar"), MARSampling(), "cpu")
+    facts = TokenFacts.read(proj / "tokens")
+    images, tokens = val_pairs(proj, 8)
+    assert tokens["lrf"].dtype == torch.float32  # decode_tokens: float32 of the stored float16 values
+    seen = {}
+
+    def spy(x, lrf, labels, generator=None):  # stands in for MAR: records what training feeds it
+        seen.update(x=x, lrf=lrf, labels=labels)
+        return x.sum()
+
+    train_mar.mar_loss(spy, tokens, LatentNorm(facts.mean, facts.std), use_labels=False)
+    trained_on = seen["lrf"]
+    assert trained_on.dtype == torch.float32 and trained_on.shape == (8, facts.Cvae, facts.grid, facts.grid)
+    inferred_on = up.condition(images["lr"])
+    assert inferred_on.dtype == trained_on.dtype
+    assert torch.equal(inferred_on, trained_on), (inferred_on - trained_on).abs().max()
 
 
 def test_upscaler_samples_then_requantizes_and_decodes(proj: Path):
     """The output is VQVAE.decode(f_to_fhat(denormalize(sample_tokens(lrf, eval settings, seed))))."""
     d = load_model_file(proj / "runs/mar/model.pt", kind="mar")
-    ecfg = EvalConfig(mar_num_iter=3, mar_cfg=1.5, mar_cfg_schedule="constant", mar_temperature=0.9)
-    up = train_mar.make_upscaler(d, ecfg, "cpu")
+    sampling = MARSampling(num_iter=3, cfg=1.5, cfg_schedule="constant", temperature=0.9)
+    up = make_upscaler(d, sampling, "cpu")
     assert (up.hr_size, up.scale) == (32, 4)
     images, _ = val_pairs(proj, 2)
     out = up(images["lr"], seed=7)
     assert out.shape == (2, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
     torch.testing.assert_close(up(images["lr"], seed=7), out, rtol=0, atol=0)
 
-    model = MAR(**d["config"])
-    model.load_state_dict(d["state_dict"])
+    model = load_mar(d)
     vae = load_vqvae(d["extra"]["vqvae"])
-    mean = torch.tensor(d["extra"]["latent_stats"]["mean"])[:, None, None]
-    std = torch.tensor(d["extra"]["latent_stats"]["std"])[:, None, None]
-    lrf = (up.vqvae.img_to_f(torch.stack([tokenize_input(x) for x in images["lr"]])) - mean) / std
+    mean = torch.tensor(d["extra"]["token_facts"]["mean"])[:, None, None]
+    std = torch.tensor(d["extra"]["token_facts"]["std"])[:, None, None]
+    lrf16 = up.vqvae.img_to_f(torch.stack([tokenize_input(x) for x in images["lr"]])).half()  # as stored
+    lrf = (lrf16.float() - mean) / std
     x = model.eval().sample_tokens(
         lrf, num_iter=3, cfg=1.5, cfg_schedule="constant", temperature=0.9,
         generator=torch.Generator().manual_seed(7),
@@ -214,7 +266,7 @@ def test_upscaler_samples_then_requantizes_and_decodes(proj: Path):
 def tokenize_input(lr_3hw: torch.Tensor) -> torch.Tensor:
     """The LR crop as tokenize feeds it to the encoder: uint8, MATLAB bicubic to 32 px, [-1, 1]."""
     u8 = ((lr_3hw + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    up = tokenize.upsample_lr(u8, 32)
+    up = upsample_lr(u8, 32)
     return torch.from_numpy(up).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -254,15 +306,16 @@ def test_labelled_shards_train_a_class_conditional_model(tmp_path: Path, monkeyp
         monkeypatch.delenv(var, raising=False)
     assert train_mar.main(stage_args(tmp_path, params)) == 0
     d = load_model_file(tmp_path / "runs/mar/model.pt", kind="mar")
-    assert d["config"]["num_classes"] == 2 and "class_emb.weight" in d["state_dict"]
-    torch.manual_seed(0)
-    w0 = MAR(**d["config"]).class_emb.weight.detach().flatten()  # the stage's initial weights (seed 0)
+    assert d["extra"]["token_facts"]["num_classes"] == 2 and "class_emb.weight" in d["state_dict"]
+    facts = TokenFacts.from_dict(d["extra"]["token_facts"])
+    torch.manual_seed(0)  # the stage's initial weights (seed 0)
+    w0 = build_mar_sr(MARConfig(**d["config"]), facts).class_emb.weight.detach().flatten()
     w = d["state_dict"]["class_emb.weight"].flatten()
     # Weight decay alone would only shrink w0; the labels' gradients move it off that line.
     off_line = w - (w @ w0) / (w0 @ w0) * w0
     assert off_line.norm() > 1e-3 * w.norm()
     images = next(iter(eval_loader(shard_urls(tmp_path / "shards", "val"), decode=decode_pair, batch_size=2)))
-    out = train_mar.make_upscaler(d, EvalConfig(mar_num_iter=2), "cpu")(images["lr"], seed=0)
+    out = make_upscaler(d, MARSampling(num_iter=2), "cpu")(images["lr"], seed=0)
     assert out.shape == (images["lr"].shape[0], 3, 32, 32)
 
 

@@ -25,14 +25,16 @@ from PIL import Image
 from stage_helpers import one_thread  # noqa: F401 (autouse)
 
 from arsr.cli import main as arsr_main
-from arsr.config import EvalConfig, SRVARConfig, TrainConfig, load_params
-from arsr.data.loader import decode_tokens, eval_loader, to_unit_range
+from arsr.config import SRVARSection, TrainConfig, load_params
+from arsr.data.loader import decode_tokens, eval_loader, to_uint8, to_unit_range
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
-from arsr.models.srvar import build_srvar
-from arsr.models.vqvae import VQVAE, build_vqvae
+from arsr.infer.srvar import SRVARSampling, make_upscaler
+from arsr.infer.tokenizer import lr_condition
+from arsr.models.srvar import SRVAR, SRVARConfig
+from arsr.models.vqvae import VQVAE, VQVAEConfig
 from arsr.stages import tokenize, train_srvar
 from arsr.stages.shard import run_shard
-from arsr.stages.train_srvar import make_loss_fn, make_upscaler, make_val_fn
+from arsr.stages.train_srvar import make_loss_fn, make_val_fn
 from arsr.train.checkpoint import load_model_file, save_model_file
 from arsr.train.engine import Trainer
 
@@ -43,12 +45,14 @@ TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 6,
              "min_shards": 2, "workers": 1},
-    "vqvae": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8, "patch_nums": PN},
+    "vqvae": {"model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
+                        "patch_nums": PN}},
     "tokenize": {"batch_size": 16, "workers": 1},
-    "srvar": {"depth": 1, "width": 32, "refiner": True, "refiner_width": 16, "refiner_depth": 1,
-              "refiner_steps": "4",
+    "srvar": {"model": {"depth": 1, "width": 32, "refiner": True, "refiner_width": 16, "refiner_depth": 1,
+                        "refiner_steps": "4"},
               "train": {"nproc": 2, "workers": 1, "max_steps": STEPS, "batch_size": 4, "base_lr": 0.05,
-                        "val_every": 2, "log_every": 1, "ckpt_every": 100}},
+                        "warmup_steps": 0, "val_every": 2, "log_every": 1, "ckpt_every": 100}},
+    "mar": {"train": {"workers": 1}},  # MAR's recipe (2 ranks x 2 workers) would need 4 shards per split
 }  # fmt: skip
 
 
@@ -61,7 +65,9 @@ def test_the_lr_condition_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     and wrong from the LR of another sample; so does the stage's teacher-forced validation."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     torch.manual_seed(0)
-    vae = VQVAE(vocab_size=32, z_channels=16, ch=8, ch_mult=(1, 2), patch_nums=PN).freeze()
+    vae = VQVAE(
+        VQVAEConfig(vocab_size=32, z_channels=16, ch=8, ch_mult=(1, 2), patch_nums=tuple(PN))
+    ).freeze()
     g, B = torch.Generator().manual_seed(0), 8
     s0_B1 = torch.randperm(32, generator=g)[:B, None]
     s1_B4 = torch.stack([torch.randperm(32, generator=g)[:B] for _ in range(4)], dim=1)  # per position
@@ -74,9 +80,9 @@ def test_the_lr_condition_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         max_steps=80, batch_size=B, amp="none", base_lr=0.1, warmup_steps=5, ema=0.9, weight_decay=0.0,
         val_every=10**6, log_every=10**6, ckpt_every=10**6, workers=0,
     )  # fmt: skip
-    cfg = SRVARConfig(depth=2, width=64, train=tcfg)  # cond_drop 0.1 as by default
+    cfg = SRVARSection(model=SRVARConfig(depth=2, width=64), train=tcfg)  # cond_drop 0.1 as by default
     torch.manual_seed(0)
-    model = build_srvar(cfg, PN, vae.V, vae.Cvae)
+    model = SRVAR(cfg.model, PN, vae.V, vae.Cvae)
     trainer = Trainer(
         kind="srvar", model=model, model_config=model.model_config(), cfg=tcfg,
         loss_fn=make_loss_fn(vae, cfg), make_train_iter=lambda k: itertools.repeat(batch),
@@ -115,7 +121,7 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = load_params(root / "params.yaml")
     run_shard(str(root / "params.yaml"), str(root / "data/shards"), str(root / "runs"))
     torch.manual_seed(0)
-    vae = build_vqvae(params.vqvae)
+    vae = VQVAE(params.vqvae.model)
     save_model_file(
         root / "runs/vqvae/model.pt", kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict()
     )
@@ -136,9 +142,10 @@ def test_stage_writes_a_self_contained_model_and_metrics(proj: Path):
     vq = load_model_file(proj / "runs/vqvae/model.pt", kind="vqvae")
     stats = json.loads((proj / "data/tokens/latent_stats.json").read_text())
     assert d["step"] == STEPS and d["fingerprint"]["stage"] == "train_srvar"
-    assert d["config"]["refiner"] and 0 < d["config"]["refiner_scale"] < 10
+    assert d["config"]["refiner"] and 0 < d["state_dict"]["refiner_scale"] < 10  # a buffer, with the weights
     extra = d["extra"]
-    assert (extra["hr_size"], extra["scale"]) == (32, 4) and extra["latent_stats"] == stats
+    assert (extra["token_facts"]["hr_size"], extra["token_facts"]["scale"]) == (32, 4)
+    assert extra["token_facts"] == stats
     assert extra["vqvae"]["config"] == vq["config"]
     assert all(torch.equal(extra["vqvae"]["state_dict"][k], v) for k, v in vq["state_dict"].items())
     assert all(torch.isfinite(v).all() for v in d["state_dict"].values() if v.is_floating_point())
@@ -170,9 +177,10 @@ def test_wandb_gets_val_sample_grids(proj: Path):
 # 3. The upscaler and `arsr upscale`
 # ------------------------------------------------------------------------------------------
 def test_upscaler_conditions_like_tokenize(proj: Path):
-    """The LR path of inference gives the lrf the model was trained on (uint8 LR -> MATLAB bicubic ->
-    encoder), and the same seed gives the same super-resolution."""
-    up = make_upscaler(load_model_file(proj / "runs/srvar/model.pt", kind="srvar"), EvalConfig(), "cpu")
+    """The LR path of inference (the upscaler's, :func:`arsr.infer.tokenizer.lr_condition`) gives the
+    lrf the model was trained on (uint8 LR -> MATLAB bicubic -> encoder), and the same seed gives the
+    same super-resolution."""
+    up = make_upscaler(load_model_file(proj / "runs/srvar/model.pt", kind="srvar"), SRVARSampling(), "cpu")
     assert (up.hr_size, up.scale) == (32, 4)
     images = list(iter_tar_samples(shard_urls(proj / "data/shards", "val")))[:4]
     tokens = next(
@@ -180,7 +188,8 @@ def test_upscaler_conditions_like_tokenize(proj: Path):
     )
     assert tokens["key"] == [s["__key__"] for s in images]
     lr = torch.stack([to_unit_range(decode_png(s["lr.png"])) for s in images])
-    torch.testing.assert_close(up.lr_latent(lr), tokens["lrf"], rtol=0, atol=2e-3)  # fp16 ulps
+    lrf = lr_condition(up.vae, [to_uint8(x) for x in lr], up.hr_size).float()
+    torch.testing.assert_close(lrf, tokens["lrf"], rtol=0, atol=2e-3)  # fp16 ulps
     a, b, c = up(lr, seed=3), up(lr, seed=3), up(lr, seed=4)
     assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -207,7 +216,7 @@ def test_arsr_upscale_refusals(proj: Path, tmp_path: Path, capsys: pytest.Captur
     base = ["upscale", "--output", str(tmp_path / "out"), "--device", "cpu"]
     vqvae = str(proj / "runs/vqvae/model.pt")
     assert arsr_main([*base, "--model", vqvae, "--input", str(img)]) == 2
-    assert "holds a 'vqvae' model; `upscale` needs an SR model" in capsys.readouterr().err
+    assert "holds a 'vqvae' model; an SR model is needed (srvar, mar)" in capsys.readouterr().err
 
     model = str(proj / "runs/srvar/model.pt")
     notes = tmp_path / "notes.txt"
@@ -231,7 +240,23 @@ def test_tokens_of_another_tokenizer_are_refused(proj: Path, tmp_path: Path, cap
     (tmp_path / "tokens").mkdir()
     (tmp_path / "tokens/latent_stats.json").write_text(json.dumps({**stats, "vqvae_sha256": "0" * 64}))
     argv = ["--params", str(proj / "params.yaml"), "--tokens", str(tmp_path / "tokens")]
-    argv += ["--vqvae", str(proj / "runs/vqvae/model.pt"), "--out", str(tmp_path / "srvar")]
-    assert train_srvar.main(argv) == 2
+    argv += ["--vqvae", str(proj / "runs/vqvae/model.pt"), "--shards", str(proj / "data/shards")]
+    assert train_srvar.main([*argv, "--out", str(tmp_path / "srvar")]) == 2
     assert "tokenized with another VQVAE" in capsys.readouterr().err
+    assert not (tmp_path / "srvar").exists()
+
+
+@pytest.mark.parametrize("key", ["hr_size", "num_classes", "mean"])
+def test_token_facts_are_read_strictly(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture, key: str):
+    """Every fact comes from latent_stats.json (no fallback to the shards' stats.json): a missing key
+    is one clear line naming the file and the key, exit status 2."""
+    stats = json.loads((proj / "data/tokens/latent_stats.json").read_text())
+    (tmp_path / "tokens").mkdir()
+    facts_file = tmp_path / "tokens/latent_stats.json"
+    facts_file.write_text(json.dumps({k: v for k, v in stats.items() if k != key}))
+    argv = ["--params", str(proj / "params.yaml"), "--tokens", str(tmp_path / "tokens")]
+    argv += ["--vqvae", str(proj / "runs/vqvae/model.pt"), "--shards", str(proj / "data/shards")]
+    assert train_srvar.main([*argv, "--out", str(tmp_path / "srvar")]) == 2
+    err = capsys.readouterr().err
+    assert f"{facts_file}: missing {key}" in err and "rerun" in err
     assert not (tmp_path / "srvar").exists()

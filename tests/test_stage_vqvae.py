@@ -7,6 +7,7 @@ tests check those outputs against independent recomputations from the image shar
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -24,9 +25,11 @@ from arsr.config import load_params
 from arsr.data.imresize import imresize
 from arsr.data.loader import count_samples, decode_tokens, eval_loader, to_unit_range
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
+from arsr.data.tokens import TokenFacts
 from arsr.eval.metrics import psnr, y_uint8
+from arsr.infer.tokenizer import load_vqvae_file
 from arsr.io import file_sha256
-from arsr.models.vqvae import VQVAE, build_vqvae
+from arsr.models.vqvae import VQVAE
 from arsr.stages import tokenize, train_vqvae
 from arsr.stages.shard import run_shard
 from arsr.train.checkpoint import load_model_file
@@ -37,11 +40,13 @@ TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 8,
              "min_shards": 2, "workers": 1},
-    "vqvae": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8, "patch_nums": PN,
+    "vqvae": {"model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
+                        "patch_nums": PN},
               "restart_every": 2,
               "train": {"max_steps": STEPS, "batch_size": 8, "workers": 0, "base_lr": 0.05, "warmup_steps": 1,
                         "val_every": 3, "log_every": 2, "ckpt_every": 100}},
     "tokenize": {"batch_size": 5, "workers": 2},
+    "mar": {"train": {"workers": 1}},  # MAR's recipe (2 ranks x 2 workers) would need 4 shards per split
 }  # fmt: skip
 
 
@@ -77,7 +82,7 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_tokenizer(proj: Path) -> VQVAE:
-    return tokenize.load_vqvae(proj / "runs/vqvae/model.pt")
+    return load_vqvae_file(proj / "runs/vqvae/model.pt")[1]
 
 
 def image_samples(proj: Path, split: str) -> list[dict]:
@@ -93,7 +98,7 @@ def npy(data: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 def test_model_file_metrics_and_plots(proj: Path):
     d = load_model_file(proj / "runs/vqvae/model.pt", kind="vqvae")
-    assert d["config"] == build_vqvae(load_params(proj / "params.yaml").vqvae).model_config()
+    assert d["config"] == VQVAE(load_params(proj / "params.yaml").vqvae.model).model_config()
     assert d["step"] == STEPS and d["fingerprint"]["stage"] == "train_vqvae"
     metrics = json.loads((proj / "runs/vqvae/metrics.json").read_text())
     assert metrics["step"] == STEPS
@@ -163,17 +168,18 @@ def test_augment_reorders_flips_and_negates_each_image_reproducibly():
     assert len(seen) >= 12  # of the 24 combinations
 
 
-def test_perceptual_loss_is_refused_clearly(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_perceptual_loss_key_is_refused_clearly(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """vqvae.perceptual_weight was removed (no LPIPS weights here): an unknown key, exit status 2."""
     params = write_params(tmp_path, **{"vqvae.perceptual_weight": 0.5})
     assert train_vqvae.main(["--params", str(params), "--shards", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "vqvae.perceptual_weight: 0.5 needs LPIPS network weights" in err
+    assert "vqvae.perceptual_weight: unknown key" in err
 
 
 def test_pretrained_weights_are_adopted_without_training(proj: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     torch.manual_seed(5)
-    official = build_vqvae(load_params(proj / "params.yaml").vqvae)
+    official = VQVAE(load_params(proj / "params.yaml").vqvae.model)
     torch.save(official.state_dict(), tmp_path / "official.pth")  # a plain state dict, as VAR ships
     params = write_params(tmp_path, **{"vqvae.pretrained": str(tmp_path / "official.pth")})
     out = tmp_path / "vqvae"
@@ -188,7 +194,9 @@ def test_pretrained_weights_are_adopted_without_training(proj: Path, tmp_path: P
     assert (out / "ckpt").is_dir() and not list((out / "ckpt").iterdir())  # nothing was trained
 
     # An architecture that does not describe the file: one clear line, exit status 2.
-    params = write_params(tmp_path, **{"vqvae.pretrained": str(tmp_path / "official.pth"), "vqvae.ch": 32})
+    params = write_params(
+        tmp_path, **{"vqvae.pretrained": str(tmp_path / "official.pth"), "vqvae.model.ch": 32}
+    )
     args = ["--params", str(params), "--shards", str(proj / "shards"), "--out", str(out)]
     assert train_vqvae.main(args) == 2
 
@@ -258,9 +266,10 @@ def test_latent_stats(proj: Path):
     np.testing.assert_allclose(stats["std"], f.std(axis=1), rtol=1e-6)
     assert min(stats["std"]) > 0 and len(stats["mean"]) == vae.Cvae == stats["Cvae"]
     assert stats["samples"] == sum(count_samples(u) for u in shard_urls(proj / "shards", "train"))
-    assert stats["positions"] == stats["samples"] * PN[-1] ** 2
-    assert (stats["vocab_size"], stats["patch_nums"], stats["L"], stats["grid"]) == (64, PN, 30, 4)
-    assert (stats["hr_size"], stats["scale"]) == (32, 4)
+    assert set(stats) == {f.name for f in dataclasses.fields(TokenFacts)}  # TokenFacts, nothing else
+    facts = TokenFacts.read(proj / "tokens")
+    assert (stats["vocab_size"], stats["patch_nums"], facts.L, facts.grid) == (64, PN, 30, 4)
+    assert (stats["hr_size"], stats["scale"], stats["num_classes"]) == (32, 4, 0)
     assert stats["vqvae_sha256"] == file_sha256(proj / "runs/vqvae/model.pt")
     timing = json.loads((proj / "runs/tokenize/timing.json").read_text())
     n_val = sum(count_samples(u) for u in shard_urls(proj / "tokens", "val"))
