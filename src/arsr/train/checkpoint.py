@@ -162,7 +162,7 @@ def load_model_file(path: str | Path, kind: str, config: dict[str, Any] | None =
     """Load a model.pt made by :func:`save_model_file`; refuse another kind (or config, if given).
 
     Returns the dict: rebuild with ``Model(ModelConfig(**d["config"]), <facts from d["extra"]>)``
-    and ``load_state_dict(d["state_dict"])`` (``arsr.infer`` does it for every model kind).
+    and ``load_state_dict(d["state_dict"])`` (the inference layer does it for every model kind).
     """
     d = safe_load(path)
     if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
