@@ -168,12 +168,31 @@ def test_augment_reorders_flips_and_negates_each_image_reproducibly():
     assert len(seen) >= 12  # of the 24 combinations
 
 
-def test_perceptual_loss_key_is_refused_clearly(tmp_path: Path, capsys: pytest.CaptureFixture):
-    """vqvae.perceptual_weight was removed (no LPIPS weights here): an unknown key, exit status 2."""
-    params = write_params(tmp_path, **{"vqvae.perceptual_weight": 0.5})
-    assert train_vqvae.main(["--params", str(params), "--shards", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "vqvae.perceptual_weight: unknown key" in err
+def test_perceptual_weight_trains_with_lpips_held_outside_the_model(proj: Path, tmp_path: Path, monkeypatch):
+    """vqvae.perceptual_weight > 0: LPIPS(rec, x) joins the loss (logged as rec_lpips, train and val),
+    its gradient reaches the decoder, and model.pt holds the VQVAE's weights only."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    params = write_params(tmp_path, **{"vqvae.perceptual_weight": 1.0, "vqvae.train.max_steps": 3})
+    out = tmp_path / "runs/vqvae"
+    assert train_vqvae.main(["--params", str(params), "--shards", str(proj / "shards"), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["train"]["rec_lpips"] < 1.5 and 0 < metrics["val"]["rec_lpips"] < 1.5
+    d = load_model_file(out / "model.pt", kind="vqvae")
+    vae = VQVAE(load_params(params).vqvae.model)
+    assert set(d["state_dict"]) == set(vae.state_dict())  # no LPIPS/AlexNet weights in the tokenizer
+
+    from arsr.eval.perceptual import lpips_module
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    grads = []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        vae = VQVAE(load_params(params).vqvae.model)
+        loss, logged = train_vqvae.vqvae_loss(vae, {"hr": x}, lpips_module(), weight)
+        loss.backward()
+        grads.append(vae.decoder.conv_out.weight.grad.clone())
+        assert ("rec_lpips" in logged) == (weight > 0)
+    assert not torch.allclose(grads[0], grads[1])
 
 
 def test_pretrained_weights_are_adopted_without_training(proj: Path, tmp_path: Path, monkeypatch):

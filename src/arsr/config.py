@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from arsr.eval.registry import METRICS
 from arsr.infer.mar import MARSampling
 from arsr.infer.srvar import SRVARSampling
 from arsr.models.mar import MARConfig
@@ -131,6 +132,7 @@ class VQVAESection(Section):
     restart_dead_codes: bool = True
     restart_every: int = Field(25, ge=1, description="steps between dead-code restarts")
     augment: bool = Field(True, description="random RGB order, flips and negatives of the train crops")
+    perceptual_weight: float = Field(0.0, ge=0, description="weight of LPIPS(rec, x) in the loss (VAR: 1.0)")
     train: Annotated[TrainConfig, *train_field(**_VQVAE_TRAIN)]
 
 
@@ -166,9 +168,17 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, description="tiles super-resolved together")
     seed: int = 0
     num_samples: int = Field(4, ge=0, description="sample grids written")
+    metrics: list[str] = Field(default_factory=lambda: list(METRICS), description="arsr.eval.registry names")
     # One subsection per SR family (arsr.infer.registry.FAMILIES), so no setting means two things.
     srvar: SRVARSampling = Field(default_factory=SRVARSampling)
     mar: MARSampling = Field(default_factory=MARSampling)
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> EvalConfig:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+        return self
 
 
 class Params(Section):

@@ -34,6 +34,16 @@ FAMILIES: dict[str, Family] = {
     "mar": Family("mar", "MAR-SR", mar.MARSampling, mar.make_upscaler),
 }
 
+# Rows that are not SR families: a reference to beat, and the tokenizer's view of the HR (the
+# ceiling of token models; it sees the HR, so the report never ranks it).
+REFERENCE_METHODS = {"bicubic": "Bicubic", "vqvae_rec": "Tokenizer reconstruction (ceiling)"}
+CEILING_METHODS = ("vqvae_rec",)
+
+
+def method_title(name: str) -> str:
+    """How tables and grids label a method (its own name when unknown)."""
+    return REFERENCE_METHODS.get(name) or (FAMILIES[name].title if name in FAMILIES else name)
+
 
 def model_kind(path: str | Path) -> str:
     path = Path(path)
@@ -50,9 +60,7 @@ def load_upscaler(path: str | Path, sampling: Any, device: torch.device | str = 
     (params' ``eval`` section). Another kind of model.pt is refused by name."""
     kind = model_kind(path)
     if kind not in FAMILIES:
-        raise CheckpointError(
-            f"{path} holds a {kind!r} model; an SR model is needed ({', '.join(FAMILIES)})"
-        )
+        raise CheckpointError(f"{path} holds a {kind!r} model; an SR model is needed ({', '.join(FAMILIES)})")
     return FAMILIES[kind].make_upscaler(load_model_file(path, kind), getattr(sampling, kind), device)
 
 

@@ -24,6 +24,7 @@ import torch
 from arsr.config import ConfigError, Params, load_params, stage_param_values
 from arsr.data.loader import train_loader
 from arsr.data.tokens import TokenFactsError
+from arsr.eval.perceptual import WeightsCorrupt, WeightsMissing
 from arsr.train.checkpoint import CheckpointError, hash_paths
 from arsr.train.dist import DistInfo
 
@@ -46,7 +47,9 @@ class StageError(RuntimeError):
     """A problem the user can fix; reported as one line, exit status 2."""
 
 
-USER_ERRORS = (ConfigError, StageError, CheckpointError, TokenFactsError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError, StageError, CheckpointError, TokenFactsError, FileNotFoundError, WeightsMissing, WeightsCorrupt,
+)  # fmt: skip
 
 
 def stage_main(

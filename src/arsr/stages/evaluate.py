@@ -1,15 +1,18 @@
-"""Stage `evaluate`: super-resolve the val split and benchmark folders; PSNR/SSIM on Y.
+"""Stage `evaluate`: super-resolve the val split and benchmark folders; score every method with
+the metrics of ``arsr.eval.registry`` (PSNR/SSIM on Y, PSNR on RGB, LPIPS, DISTS).
 
     python -m arsr.stages.evaluate                       # the DAG stage (reads `eval`)
-    arsr evaluate --hr-dir DIR --scale 4 --methods bicubic,srvar,mar --json OUT.json
+    arsr evaluate --hr-dir DIR --scale 4 --methods bicubic,srvar,mar --metrics psnr,ssim,lpips,dists
 
 Rows: ``bicubic``, ``vqvae_rec`` (the VQVAE's reconstruction of HR: the ceiling of token
 models), then one per SR family of ``arsr.infer.registry.FAMILIES`` (``srvar``, ``mar``), each
 sampling with its ``eval.<family>`` settings. Protocol ``rgb-uint8`` (default): every row starts from the
-same RGB uint8 LR image and is scored on rounded Y with ``scale`` pixels shaved;
-``y-float`` changes only the bicubic row (VDSR/EDSR's double-precision Y path).
+same RGB uint8 LR image; each metric scores the uint8 outputs in its own convention (the registry's);
+``y-float`` changes only the bicubic row's PSNR/SSIM (VDSR/EDSR's double-precision Y path).
+A metric whose weights are not installed is skipped with one line naming the package.
 Whole images of any size go through the tiling of ``arsr.infer.tiling``.
-DAG outputs: ``eval/metrics.json``, ``eval/per_image.csv``, ``eval/samples/*.png``.
+DAG outputs: ``eval/metrics.json``, ``eval/per_image.csv``, ``eval/samples/*.png`` (labelled grids of
+images from different photos); W&B: the means, a per-image table with image columns, the grids.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from arsr.data.imresize import imresize, modcrop
 from arsr.data.loader import load_shard_stats
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
 from arsr.data.sources import IMAGE_SUFFIXES, ImageError, SourceImage, load_rgb
-from arsr.eval.metrics import score_bicubic, score_y
-from arsr.infer.registry import FAMILIES, add_sampling_args, load_upscaler, sampling_overrides
+from arsr.eval.grids import as_rgb, labelled_row
+from arsr.eval.metrics import score_bicubic
+from arsr.eval.registry import METRICS, Metric, runnable, select
+from arsr.infer.registry import FAMILIES, add_sampling_args, load_upscaler, method_title, sampling_overrides
 from arsr.infer.tiling import upscale_images
 from arsr.infer.tokenizer import VQVAEReconstructor, load_vqvae_file
 from arsr.io import atomic_write_bytes, write_json
@@ -71,6 +76,8 @@ def val_images(shard_dir: Path, limit: int) -> list[EvalImage]:
 
 def folder_images(folder: Path, scale: int) -> list[EvalImage]:
     """HR images of a benchmark folder (``HR/`` if present); LR from ``LR_bicubic/X{s}`` when it exists."""
+    if folder.name == "HR" and not (folder / "HR").is_dir():
+        folder = folder.parent  # given Set5/HR: the benchmark is Set5, its LR in Set5/LR_bicubic
     hr_dir = folder / "HR" if (folder / "HR").is_dir() else folder
     files = sorted(p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -89,32 +96,58 @@ def folder_images(folder: Path, scale: int) -> list[EvalImage]:
     return images
 
 
-def _rgb(img: np.ndarray) -> np.ndarray:
-    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
-
-
 def super_resolve(method: str, images: list[EvalImage], upscalers: dict, cfg: EvalConfig) -> list[np.ndarray]:
     """SR outputs of one method for all images (their tiles batched together)."""
     if method == "bicubic":
         return [imresize(img.lr, output_shape=img.hr.shape[:2]) for img in images]
-    srcs = [_rgb(img.hr) if method == "vqvae_rec" else _rgb(img.lr) for img in images]
+    srcs = [as_rgb(img.hr) if method == "vqvae_rec" else as_rgb(img.lr) for img in images]
     up, ov = upscalers[method], cfg.tile_overlap
     srs = upscale_images(srcs, up, overlap_hr=ov, batch_size=cfg.batch_size, seed=cfg.seed, desc=method)
     return [sr[..., 0] if img.hr.ndim == 2 else sr for sr, img in zip(srs, images)]  # grey stays grey
 
 
-def score(method: str, img: EvalImage, sr: np.ndarray, scale: int, protocol: str) -> tuple[float, float]:
+def score_method(
+    method: str,
+    images: list[EvalImage],
+    srs: list[np.ndarray],
+    metrics: list[Metric],
+    scale: int,
+    protocol: str,
+    device: str,
+) -> dict[str, list[float]]:
+    """{metric: per-image scores} of one method. Under ``y-float`` the bicubic row's PSNR/SSIM come
+    from VDSR/EDSR's double-precision Y path; every other score from the uint8 outputs."""
+    hrs = [img.hr for img in images]
+    out = {m.name: m.fn(srs, hrs, scale, device) for m in metrics}
     if method == "bicubic" and protocol == "y-float":
-        return score_bicubic(img.hr, scale, "y-float")
-    return score_y(sr, img.hr, scale)
+        yf = [score_bicubic(img.hr, scale, "y-float") for img in images]
+        for i, name in enumerate(("psnr", "ssim")):
+            if name in out:
+                out[name] = [s[i] for s in yf]
+    return out  # fmt: skip
 
 
-def sample_grid(img: EvalImage, outputs: dict[str, np.ndarray], scale: int) -> np.ndarray:
-    """LR (nearest) | bicubic | each SR family | HR side by side (columns present are those computed)."""
-    lr_up = _rgb(img.lr).repeat(scale, 0).repeat(scale, 1)[: img.hr.shape[0], : img.hr.shape[1]]
+def grid_columns(img: EvalImage, outputs: dict[str, np.ndarray], scale: int) -> list[tuple[str, np.ndarray]]:
+    """(label, image) columns: LR (nearest) | bicubic | each SR family | HR (those computed)."""
+    lr_up = as_rgb(img.lr).repeat(scale, 0).repeat(scale, 1)[: img.hr.shape[0], : img.hr.shape[1]]
     methods = ("bicubic", *FAMILIES)
-    cols = [lr_up] + [_rgb(outputs[m]) for m in methods if m in outputs] + [_rgb(img.hr)]
-    return np.concatenate(cols, axis=1)
+    cols = [("LR", lr_up)] + [(method_title(m), outputs[m]) for m in methods if m in outputs]
+    return cols + [("HR", img.hr)]
+
+
+def sample_indices(images: list[EvalImage], n: int) -> list[int]:
+    """Up to ``n`` images from different source photos (a crop key is ``<photo>_<index>``), first
+    crops first; when there are fewer photos than ``n``, the rest are spread evenly."""
+    seen, picks = set(), []
+    for i, img in enumerate(images):
+        photo = img.name.rsplit("_", 1)[0]
+        if photo not in seen:
+            seen.add(photo)
+            picks.append(i)
+    if len(picks) >= n:
+        return [picks[int(j)] for j in np.linspace(0, len(picks) - 1, n).round()] if n else []
+    rest = [i for i in np.linspace(0, len(images) - 1, n).round().astype(int) if i not in picks]
+    return sorted(picks + rest[: n - len(picks)])
 
 
 def evaluate(
@@ -123,33 +156,47 @@ def evaluate(
     upscalers: dict,
     scale: int,
     cfg: EvalConfig,
-    samples_dir: Path | None = None,
-    num_samples: int = 0,
-) -> tuple[pd.DataFrame, list]:
+    metrics: list[Metric],
+    device: str = "cpu",
+) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
+    """Per-image scores (columns dataset, image, method, one per metric) and each method's outputs."""
     outputs = {m: super_resolve(m, images, upscalers, cfg) for m in methods}
-    rows, grids = [], []
-    for i, img in enumerate(images):
-        for m in methods:
-            p, s = score(m, img, outputs[m][i], scale, cfg.protocol)
-            rows.append({"dataset": img.dataset, "image": img.name, "method": m, "psnr": p, "ssim": s})
-        if samples_dir is not None and i < num_samples:
-            grid = sample_grid(img, {m: outputs[m][i] for m in methods}, scale)
-            buf = io.BytesIO()
-            Image.fromarray(grid).save(buf, format="PNG")
-            atomic_write_bytes(samples_dir / f"{img.dataset}_{img.name}.png", buf.getvalue())
-            grids.append((f"{img.dataset}/{img.name}", grid))
-    return pd.DataFrame(rows, columns=["dataset", "image", "method", "psnr", "ssim"]), grids
+    frames = []
+    for m in methods:
+        scores = score_method(m, images, outputs[m], metrics, scale, cfg.protocol, device)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "dataset": [i.dataset for i in images],
+                    "image": [i.name for i in images],
+                    "method": m,
+                    **scores,
+                }
+            )
+        )
+    cols = ["dataset", "image", "method", *(m.name for m in metrics)]
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols))[cols], outputs
 
 
-def summarize(per_image: pd.DataFrame) -> dict:
-    """{dataset: {method: {psnr, ssim, n}}} means, rounded for stable diffs."""
+def write_samples(images: list[EvalImage], outputs: dict, scale: int, n: int, out_dir: Path) -> list:
+    """Labelled, enlarged grids of ``n`` images from different photos -> ``out_dir/<dataset>_<name>.png``."""
+    grids = []
+    for i in sample_indices(images, n):
+        img = images[i]
+        grid = labelled_row(grid_columns(img, {m: o[i] for m, o in outputs.items()}, scale))
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="PNG")
+        atomic_write_bytes(out_dir / f"{img.dataset}_{img.name}.png", buf.getvalue())
+        grids.append((f"{img.dataset}/{img.name}", grid))
+    return grids
+
+
+def summarize(per_image: pd.DataFrame, metrics: list[Metric]) -> dict:
+    """{dataset: {method: {metric: mean, n}}}, rounded (each metric's digits) for stable diffs."""
     out: dict = {}
-    for (dataset, method), g in per_image.groupby(["dataset", "method"], sort=True):
-        out.setdefault(dataset, {})[method] = {
-            "psnr": round(float(g.psnr.mean()), 4),
-            "ssim": round(float(g.ssim.mean()), 5),
-            "n": int(len(g)),
-        }
+    for (dataset, method), g in per_image.groupby(["dataset", "method"], sort=False):
+        row = {m.name: round(float(g[m.name].mean()), m.digits) for m in metrics}
+        out.setdefault(dataset, {})[method] = {**row, "n": int(len(g))}
     return out
 
 
@@ -165,46 +212,94 @@ def load_upscalers(methods: list[str], model_dir: Path, cfg: EvalConfig) -> dict
     return ups
 
 
+def chosen_metrics(names: list[str]) -> list[Metric]:
+    """The registry's metrics of ``names`` that can run; one line printed per metric skipped."""
+    try:
+        metrics, skipped = runnable(select(names))
+    except ValueError as err:
+        raise StageError(f"metrics: {err}") from None
+    for line in skipped:
+        print(f"evaluate: {line}", file=sys.stderr)
+    return metrics
+
+
+def print_table(metrics_json: dict, metrics: list[Metric], header: str = "") -> None:
+    for dataset, rows in metrics_json.items():
+        table = pd.DataFrame(
+            {f"{m.name} {m.arrow}": [rows[k][m.name] for k in rows] for m in metrics}, index=list(rows)
+        )
+        print(f"evaluate [{dataset}{header}]:\n{table.to_string(float_format=lambda v: f'{v:.4f}')}")
+
+
 def run_dag(args: argparse.Namespace, params: Params) -> None:
     t0 = time.time()
     cfg = params.eval
     scale = int(load_shard_stats(args.shards)["scale"])
     model_dir = Path(args.runs)
-    methods = list(METHODS)
+    methods, metrics, device = list(METHODS), chosen_metrics(cfg.metrics), default_device()
     upscalers = load_upscalers(methods, model_dir, cfg)
     out = Path(args.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for old in (out / "samples").glob("*.png"):
         old.unlink()
     images = val_images(Path(args.shards), cfg.max_val_images)
-    per_image, grids = evaluate(images, methods, upscalers, scale, cfg, out / "samples", cfg.num_samples)
+    per_image, outputs = evaluate(images, methods, upscalers, scale, cfg, metrics, str(device))
+    grids = write_samples(images, outputs, scale, cfg.num_samples, out / "samples")
+    tables = [(images, outputs)]
     for folder in cfg.benchmarks:
-        bench_rows, _ = evaluate(folder_images(Path(folder), scale), methods, upscalers, scale, cfg)
+        bench = folder_images(Path(folder), scale)
+        bench_rows, bench_out = evaluate(bench, methods, upscalers, scale, cfg, metrics, str(device))
         per_image = pd.concat([per_image, bench_rows], ignore_index=True)
-    metrics = summarize(per_image)
+        tables.append((bench, bench_out))
+    summary = summarize(per_image, metrics)
     atomic_write_bytes(out / "per_image.csv", per_image.to_csv(index=False, float_format="%.5f").encode())
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", summary)
     write_json(
         model_dir / "evaluate" / "timing.json", {"seconds": round(time.time() - t0, 2), "images": len(images)}
     )
-    _log_wandb(params, per_image, metrics, grids, model_dir)
-    for dataset, rows in metrics.items():
-        print(
-            f"evaluate [{dataset}]: "
-            + "  ".join(f"{m} {v['psnr']:.2f}/{v['ssim']:.4f}" for m, v in rows.items())
-        )
+    _log_wandb(params, per_image, summary, metrics, grids, tables, scale, model_dir)
+    print_table(summary, metrics)
 
 
-def _log_wandb(params: Params, per_image: pd.DataFrame, metrics: dict, grids: list, runs_dir: Path) -> None:
+def wandb_rows(
+    images: list[EvalImage], outputs: dict, per_image: pd.DataFrame, metrics: list[Metric], scale: int
+) -> tuple[list[str], list[list]]:
+    """One row per image: dataset, image, LR | bicubic | each model | HR images, then every
+    ``<method>/<metric>``. Image cells are uint8 arrays (WandbRun.log_table makes them wandb.Images)."""
+    methods = list(outputs)
+    image_cols = [label for label, _ in grid_columns(images[0], {m: outputs[m][0] for m in methods}, scale)]
+    score_cols = [f"{m}/{k.name}" for m in methods for k in metrics]
+    scores = per_image.set_index(["dataset", "image", "method"])
+    rows = []
+    for i, img in enumerate(images):
+        cells = [a for _, a in grid_columns(img, {m: outputs[m][i] for m in methods}, scale)]
+        vals = [float(scores.loc[(img.dataset, img.name, m), k.name]) for m in methods for k in metrics]
+        rows.append([img.dataset, img.name, *cells, *vals])
+    return ["dataset", "image", *image_cols, *score_cols], rows
+
+
+def _log_wandb(
+    params: Params, per_image: pd.DataFrame, summary: dict, metrics: list[Metric], grids: list,
+    tables: list, scale: int, runs_dir: Path,
+) -> None:  # fmt: skip
     from arsr.train.logging import init_wandb
 
     run = init_wandb("evaluate", stage_param_values(params, PARAMS), out_dir=runs_dir)
     flat = {
-        f"{d}/{m}/{k}": v[k] for d, rows in metrics.items() for m, v in rows.items() for k in ("psnr", "ssim")
+        f"{d}/{m}/{k.name}": v[k.name]
+        for d, rows in summary.items()
+        for m, v in rows.items()
+        for k in metrics
     }
     run.log(flat)
     run.summary_update(flat)
-    run.log_table("per_image", list(per_image.columns), per_image.values.tolist())
+    columns, rows = [], []
+    for images, outputs in tables:
+        if images:
+            columns, part = wandb_rows(images, outputs, per_image, metrics, scale)
+            rows += part
+    if rows:
+        run.log_table("per_image", columns, rows)
     if grids:
         run.log_images("samples", [g for _, g in grids], captions=[c for c, _ in grids])
     run.finish()
@@ -216,23 +311,29 @@ def run_standalone(args: argparse.Namespace) -> int:
     if unknown:
         raise StageError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
     cfg = tool_eval_config(args.params, sampling_overrides(args), args.protocol)
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else cfg.metrics
+    metrics, device = chosen_metrics(names), default_device()
     upscalers = load_upscalers(methods, Path(args.model_dir), cfg)
-    per_image, _ = evaluate(folder_images(Path(args.hr_dir), args.scale), methods, upscalers, args.scale, cfg)
+    images = folder_images(Path(args.hr_dir), args.scale)
+    per_image, _ = evaluate(images, methods, upscalers, args.scale, cfg, metrics, str(device))
+    summary = summarize(per_image, metrics)
+    dataset = images[0].dataset
     result = {
         "scale": args.scale,
         "protocol": cfg.protocol,
+        "metrics": [m.name for m in metrics],
         "mean": {
-            m: {"psnr": float(g.psnr.mean()), "ssim": float(g.ssim.mean())}
+            m: {k: float(g[k].mean()) for k in (x.name for x in metrics)}
             for m, g in per_image.groupby("method")
         },
         "per_image": {
-            m: {r.image: {"psnr": r.psnr, "ssim": r.ssim} for r in g.itertuples()}
+            m: {r["image"]: {k.name: float(r[k.name]) for k in metrics} for _, r in g.iterrows()}
             for m, g in per_image.groupby("method")
         },
     }
-    write_json(args.json, result)
-    for m, v in result["mean"].items():
-        print(f"{m}: PSNR {v['psnr']:.4f} dB  SSIM {v['ssim']:.5f}  ({cfg.protocol}, x{args.scale})")
+    if args.json:
+        write_json(args.json, result)
+    print_table({dataset: summary[dataset]}, metrics, f", {cfg.protocol}, x{args.scale}")
     return 0
 
 
@@ -245,7 +346,11 @@ def _add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--methods", default="bicubic")
     ap.add_argument("--protocol", choices=["rgb-uint8", "y-float"], help="default: params' eval.protocol")
     ap.add_argument("--model-dir", default=str(RUNS_DIR))
-    ap.add_argument("--json", help="standalone: where to write the scores")
+    ap.add_argument("--json", help="standalone: also write the scores (means and per image) to this file")
+    ap.add_argument(
+        "--metrics",
+        help=f"standalone: comma-separated, from {','.join(METRICS)} (default: params' eval.metrics)",
+    )
     add_sampling_args(ap)
 
 
@@ -256,8 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         _add_args(ap)
         ap.add_argument("--params", default="params.yaml")
         args = ap.parse_args(argv)
-        if not args.json:
-            ap.error("--json OUT is required with --hr-dir")
         try:
             return run_standalone(args)
         except USER_ERRORS as err:

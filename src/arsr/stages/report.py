@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,56 +23,88 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from arsr.config import Params  # noqa: E402
-from arsr.infer.registry import FAMILIES  # noqa: E402
+from arsr.eval.registry import METRICS  # noqa: E402
+from arsr.infer.registry import CEILING_METHODS, method_title  # noqa: E402
 from arsr.io import atomic_write_text  # noqa: E402
 from arsr.stages.common import EVAL_DIR, REPORTS_DIR, RUNS_DIR, stage_main  # noqa: E402
 
 TRAIN_STAGES = ("vqvae", "srvar", "mar")
-METHOD_NAMES = {
-    "bicubic": "Bicubic",
-    "vqvae_rec": "VQVAE reconstruction (ceiling)",
-    "srvar": "SRVAR",
-    "mar": "MAR-SR",
-}
+MAX_PANELS = 6
 
 
 def metrics_table(metrics: dict) -> str:
-    rows = [
-        {
-            "dataset": dataset,
-            "method": METHOD_NAMES.get(m, m),
-            "PSNR (dB)": v["psnr"],
-            "SSIM": v["ssim"],
-            "n": v["n"],
-        }
-        for dataset, by_method in metrics.items()
-        for m, v in by_method.items()
-    ]
-    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")
+    """Markdown table: one row per (dataset, method), one column per registry metric present (with
+    its direction); the best value of each column within a dataset in bold (ceiling rows, which see
+    the HR, are not ranked)."""
+    rows = []
+    for dataset, by_method in metrics.items():
+        shown = [m for m in METRICS.values() if all(m.name in v for v in by_method.values())]
+        ranked = {m: v for m, v in by_method.items() if m not in CEILING_METHODS}
+        best = {k.name: k.best([v[k.name] for v in ranked.values()]) for k in shown if ranked}
+        for method, v in by_method.items():
+            row = {"dataset": dataset, "method": method_title(method)}
+            for k in shown:
+                cell = f"{v[k.name]:.{k.digits}f}"
+                row[f"{k.title} {k.arrow}"] = (
+                    f"**{cell}**" if method in ranked and v[k.name] == best[k.name] else cell
+                )
+            rows.append({**row, "n": v["n"]})
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def read_plots(stage_dir: Path) -> dict[str, pd.DataFrame]:
     return {f.stem: pd.read_csv(f, sep="\t") for f in sorted((stage_dir / "plots").glob("*.tsv"))}
 
 
+def curve_panels(names: list[str]) -> list[tuple[str, str | None, str | None]]:
+    """(title, train series, val series) panels, most telling first: the loss, then every metric
+    that has a validation curve (train and val drawn together), then the other training losses and
+    metrics; per-scale breakdowns (``*_s<N>``), lr and grad norm last."""
+    have = set(names)
+    bases = []
+    for n in names:
+        base = n.removeprefix("val_")
+        if base not in bases:
+            bases.append(base)
+
+    def rank(base: str) -> tuple[int, str]:
+        if base == "loss":
+            return 0, base
+        if re.search(r"_s\d+$", base) or base in ("tlr", "tnm"):
+            return 4, base
+        if f"val_{base}" in have:
+            return 1 if "psnr" in base or "acc" in base else 2, base
+        return 3 if "loss" not in base else 2, base
+
+    return [
+        (b, b if b in have else None, f"val_{b}" if f"val_{b}" in have else None)
+        for b in sorted(bases, key=rank)
+    ]
+
+
 def plot_curves(runs: Path, out_png: Path) -> list[str]:
-    """One row of panels per training stage (its losses/metrics vs step); returns the stages drawn."""
+    """One row of panels per training stage (loss and validation metrics first); returns the stages drawn."""
     stages = {s: read_plots(runs / s) for s in TRAIN_STAGES}
-    stages = {s: {k: v for k, v in p.items() if len(v) > 1} for s, p in stages.items()}
     stages = {s: p for s, p in stages.items() if p}
     if not stages:
         return []
-    ncols = max(min(len(p), 6) for p in stages.values())
+    ncols = max(min(len(curve_panels(list(p))), MAX_PANELS) for p in stages.values())
     fig, axes = plt.subplots(len(stages), ncols, figsize=(3.2 * ncols, 2.6 * len(stages)), squeeze=False)
     for r, (stage, plots) in enumerate(stages.items()):
+        panels = curve_panels(list(plots))[:MAX_PANELS]
         for c in range(ncols):
             ax = axes[r][c]
-            if c >= len(plots):
+            if c >= len(panels):
                 ax.axis("off")
                 continue
-            name, df = list(plots.items())[c]
-            ax.plot(df["step"], df[df.columns[1]], lw=1.2)
-            ax.set_title(f"{stage}: {name}", fontsize=9)
+            title, train, val = panels[c]
+            for series, label, style in ((train, "train", "-"), (val, "val", "o-")):
+                if series is not None:
+                    df = plots[series]
+                    ax.plot(df["step"], df[df.columns[1]], style, lw=1.2, ms=3, label=label)
+            if train and val:
+                ax.legend(fontsize=7)
+            ax.set_title(f"{stage}: {title}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -91,7 +124,11 @@ def run(args: argparse.Namespace, params: Params) -> None:
     lines = [
         "# arsr report",
         "",
-        "## Evaluation (PSNR/SSIM on Y, `scale` pixels shaved)",
+        "## Evaluation",
+        "",
+        "PSNR/SSIM on Y and PSNR on RGB with `scale` pixels shaved; LPIPS (AlexNet) and DISTS on RGB.",
+        "↑/↓: higher/lower is better; bold: the best method per column (the tokenizer's reconstruction",
+        "sees the HR and is not ranked).",
         "",
         metrics_table(metrics),
         "",
@@ -113,8 +150,7 @@ def run(args: argparse.Namespace, params: Params) -> None:
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir()
-        columns = " | ".join(["LR", "bicubic", *(f.title for f in FAMILIES.values()), "HR"])
-        lines += [f"## Samples ({columns})", ""]
+        lines += ["## Samples (val images from different photos; LR shown enlarged, nearest)", ""]
         for s in samples:
             shutil.copyfile(s, dest / s.name)
             lines += [f"![{s.stem}](samples/{s.name})", ""]

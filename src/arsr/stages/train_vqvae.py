@@ -6,7 +6,8 @@
 Reads ``seed`` and ``vqvae`` from params.yaml and the HR crops of ``data/shards`` (with
 ``vqvae.augment``: random RGB order, flips and negatives, see :func:`augment`). Loss per
 batch: ``L1(rec, x) + L2(rec, x) + vq_loss`` (VAR's VQ loss, beta ``vqvae.beta``, with the
-straight-through estimator; see ``arsr.models.quant``). With ``vqvae.restart_dead_codes`` every
+straight-through estimator; see ``arsr.models.quant``), plus ``vqvae.perceptual_weight x LPIPS(rec, x)``
+when that is > 0 (AlexNet LPIPS of ``arsr.eval.perceptual``, frozen, outside the model). With ``vqvae.restart_dead_codes`` every
 ``vqvae.restart_every`` steps the codes whose EMA hit count fell below ``RESTART_THRESHOLD`` of the mean
 are re-seeded from this batch's encoder residuals (on every rank, from a generator seeded by the
 step, so runs and resumed runs stay identical).
@@ -14,7 +15,9 @@ step, so runs and resumed runs stay identical).
 Logged (W&B, ``runs/vqvae/plots``, the console): ``rec_l1``, ``rec_l2``, ``vq_loss``, ``code_usage``
 (the fraction of the V codes that the last scale uses) and ``code_usage_s{si}`` per scale, on
 training batches and, at validation, over the whole val split (EMA weights, fp32); val also gives
-``rec_psnr`` (dB, Y channel of the uint8 reconstruction, no border shaved, averaged per image).
+``rec_psnr`` (dB, Y channel of the uint8 reconstruction, no border shaved, averaged per image) and,
+when the LPIPS weights are installed, ``rec_lpips`` (also logged on training batches when it is in
+the loss).
 W&B gets val inputs beside their reconstructions.
 
 Writes ``runs/vqvae/{model.pt,ckpt/,metrics.json,plots/,timing.json}`` through the training engine
@@ -43,6 +46,7 @@ from arsr.config import Params, VQVAESection, stage_param_values
 from arsr.data.loader import eval_loader, to_uint8, to_unit_range
 from arsr.data.shards import decode_png, shard_urls
 from arsr.eval.metrics import psnr, y_uint8
+from arsr.eval.perceptual import LPIPS, WeightsMissing, lpips_module
 from arsr.io import atomic_write_text
 from arsr.models.vqvae import VQVAE, load_official
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, rank_train_iters, stage_main
@@ -94,15 +98,32 @@ def usage_metrics(usage_S: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def vqvae_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """``L1 + L2 + vq_loss`` on one micro-batch (model may be DDP-wrapped; runs under autocast)."""
+def lpips_of(lpips: LPIPS, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-image LPIPS ``(B,)`` of images in the models' [-1, 1] range (LPIPS takes [0, 1])."""
+    return lpips(rec.add(1).div(2), x.add(1).div(2))
+
+
+def vqvae_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    lpips: LPIPS | None = None,
+    perceptual_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """``L1 + L2 + vq_loss (+ perceptual_weight x LPIPS)`` on one micro-batch (model may be
+    DDP-wrapped; runs under autocast). ``lpips`` is a frozen module held outside the model, so it is
+    neither trained nor saved; gradients reach the decoder through ``rec``."""
     x = batch["hr"]
     rec, vq_loss, usage_S = model(x)
     rec = rec.float()
     l1 = (rec - x).abs().mean()
     l2 = F.mse_loss(rec, x)
+    loss = l1 + l2 + vq_loss
     metrics = {"rec_l1": l1.detach(), "rec_l2": l2.detach(), "vq_loss": vq_loss.detach()}
-    return l1 + l2 + vq_loss, metrics | usage_metrics(usage_S)
+    if lpips is not None and perceptual_weight > 0:
+        p = lpips_of(lpips, rec, x).mean()
+        loss = loss + perceptual_weight * p
+        metrics["rec_lpips"] = p.detach()
+    return loss, metrics | usage_metrics(usage_S)
 
 
 class Validator:
@@ -117,9 +138,15 @@ class Validator:
     """
 
     def __init__(
-        self, urls: list[str], SN: int, V: int, batch_size: int = VAL_BATCH, dist: DistInfo | None = None
+        self,
+        urls: list[str],
+        SN: int,
+        V: int,
+        batch_size: int = VAL_BATCH,
+        dist: DistInfo | None = None,
+        lpips: LPIPS | None = None,
     ):
-        self.urls, self.SN, self.V, self.batch_size = urls, SN, V, batch_size
+        self.urls, self.SN, self.V, self.batch_size, self.lpips = urls, SN, V, batch_size, lpips
         self.dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
         self.hits_SV = torch.zeros(SN, V)
 
@@ -147,17 +174,20 @@ class Validator:
         for si, idx_Bl in enumerate(vae.f_to_idxBl(f)):
             self.hits_SV[si] += idx_Bl.flatten().bincount(minlength=vae.V).to(self.hits_SV.dtype)
         psnr_sum = sum(psnr(y_uint8(to_uint8(a)), y_uint8(to_uint8(b))) for a, b in zip(rec, x))
-        return {
+        out = {
             "rec_l1": ((rec - x).abs().mean().item() * B, B),
             "rec_l2": (F.mse_loss(rec, x).item() * B, B),
             "rec_psnr": (psnr_sum, B),
             "vq_loss": (vq_loss.item() * B, B),
         }
+        if self.lpips is not None:  # of the float reconstruction (evaluate scores the uint8 one)
+            out["rec_lpips"] = (lpips_of(self.lpips, rec, x).sum().item(), B)
+        return out
 
 
 def validate(vae: VQVAE, urls: list[str]) -> dict[str, float]:
     """One val pass in this process, outside the engine (adopted weights); the engine's metrics."""
-    validator = Validator(urls, vae.SN, vae.V)
+    validator = Validator(urls, vae.SN, vae.V, lpips=val_lpips(vae.quant_conv.weight.device))
     sums: dict[str, list[float]] = {}
     for batch in validator.make_iter():
         for k, (s, n) in validator(vae, batch).items():
@@ -219,6 +249,15 @@ def adopt_pretrained(cfg: VQVAESection, params: Params, shards: Path, out: Path)
     return val
 
 
+def val_lpips(device: torch.device) -> LPIPS | None:
+    """LPIPS for the val metric ``rec_lpips``: None (one line printed) when its weights are absent."""
+    try:
+        return lpips_module(device)
+    except WeightsMissing as err:
+        print0(f"train_vqvae: val rec_lpips skipped: {err}")
+        return None
+
+
 def train(cfg: VQVAESection, params: Params, shards: Path, out: Path) -> dict[str, float]:
     tcfg = cfg.train
     dist = init_distributed()
@@ -227,13 +266,15 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path) -> dict[st
     train_urls, val_urls = shard_urls(shards, "train"), shard_urls(shards, "val")
     mb = micro_batch_size(tcfg, dist.world_size)
 
+    # vqvae.perceptual_weight > 0 needs the LPIPS weights (an error naming the package if absent).
+    lpips = lpips_module(dist.device) if cfg.perceptual_weight > 0 else val_lpips(dist.device)
     last_batch: dict[str, torch.Tensor] = {}
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         if cfg.augment:
             batch = {"hr": augment(batch["hr"])}
         last_batch["hr"] = batch["hr"]  # dead codes restart from the step's last micro-batch
-        return vqvae_loss(model, batch)
+        return vqvae_loss(model, batch, lpips, cfg.perceptual_weight)
 
     def on_step(step: int, model: torch.nn.Module) -> dict[str, float] | None:
         if not cfg.restart_dead_codes or step % cfg.restart_every:
@@ -249,7 +290,7 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path) -> dict[st
             grid = recon_grid(unwrap(ema_model), samples.to(dist.device))
             run.log_images("val/reconstructions", [grid], captions=["input | reconstruction"], step=step)
 
-    validator = Validator(val_urls, vae.SN, vae.V, max(mb, VAL_BATCH), dist)
+    validator = Validator(val_urls, vae.SN, vae.V, max(mb, VAL_BATCH), dist, lpips)
     trainer = Trainer(
         kind="vqvae",
         model=vae,

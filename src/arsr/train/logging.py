@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,19 @@ class WandbRun:
     def log_table(
         self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None
     ) -> None:
+        """A W&B Table; cells that are uint8 image arrays ((H, W) or (H, W, 3)) become wandb.Images."""
+
+        def cell(v: Any) -> Any:
+            import wandb
+
+            if isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim in (2, 3):
+                return wandb.Image(v)
+            return v
+
         def data() -> dict[str, Any]:
             import wandb
 
-            return {key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}
+            return {key: wandb.Table(columns=list(columns), data=[[cell(v) for v in r] for r in rows])}
 
         self._log_media("log_table", data, step)
 
