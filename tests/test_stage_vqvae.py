@@ -174,7 +174,8 @@ def test_perceptual_weight_trains_with_lpips_held_outside_the_model(proj: Path, 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     params = write_params(tmp_path, **{"vqvae.perceptual_weight": 1.0, "vqvae.train.max_steps": 3})
     out = tmp_path / "runs/vqvae"
-    assert train_vqvae.main(["--params", str(params), "--shards", str(proj / "shards"), "--out", str(out)]) == 0
+    args = ["--params", str(params), "--shards", str(proj / "shards"), "--out", str(out)]
+    assert train_vqvae.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["train"]["rec_lpips"] < 1.5 and 0 < metrics["val"]["rec_lpips"] < 1.5
     d = load_model_file(out / "model.pt", kind="vqvae")

@@ -48,7 +48,8 @@ class StageError(RuntimeError):
 
 
 USER_ERRORS = (
-    ConfigError, StageError, CheckpointError, TokenFactsError, FileNotFoundError, WeightsMissing, WeightsCorrupt,
+    ConfigError, StageError, CheckpointError, TokenFactsError, FileNotFoundError,
+    WeightsMissing, WeightsCorrupt,
 )  # fmt: skip
 
 

@@ -6,8 +6,9 @@
 Reads ``seed`` and ``vqvae`` from params.yaml and the HR crops of ``data/shards`` (with
 ``vqvae.augment``: random RGB order, flips and negatives, see :func:`augment`). Loss per
 batch: ``L1(rec, x) + L2(rec, x) + vq_loss`` (VAR's VQ loss, beta ``vqvae.beta``, with the
-straight-through estimator; see ``arsr.models.quant``), plus ``vqvae.perceptual_weight x LPIPS(rec, x)``
-when that is > 0 (AlexNet LPIPS of ``arsr.eval.perceptual``, frozen, outside the model). With ``vqvae.restart_dead_codes`` every
+straight-through estimator; see ``arsr.models.quant``), plus
+``vqvae.perceptual_weight x LPIPS(rec, x)`` when that is > 0 (AlexNet LPIPS of
+``arsr.eval.perceptual``, frozen, outside the model). With ``vqvae.restart_dead_codes`` every
 ``vqvae.restart_every`` steps the codes whose EMA hit count fell below ``RESTART_THRESHOLD`` of the mean
 are re-seeded from this batch's encoder residuals (on every rank, from a generator seeded by the
 step, so runs and resumed runs stay identical).
