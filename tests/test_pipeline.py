@@ -83,3 +83,42 @@ def test_dvc_dag_and_snakemake_dag_are_the_same_graph() -> None:
     smk_edges = {e for e in smk_edges if "all" not in e}
     assert dvc_nodes == smk_nodes and len(dvc_nodes) == 7
     assert dvc_edges == smk_edges
+
+
+def test_evaluate_and_report_show_every_metric_for_every_method(dvc_project: Path) -> None:
+    """eval/metrics.json and per_image.csv carry the registry's metrics for each row; the report's
+    table has them with arrows and bold bests; the sample grids are labelled and enlarged; W&B's
+    per-image table has image columns beside every score."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from arsr.eval.registry import METRICS
+
+    metrics = json.loads((dvc_project / "eval" / "metrics.json").read_text())["val"]
+    assert set(metrics) == {"bicubic", "vqvae_rec", "srvar", "mar"}
+    for method, row in metrics.items():
+        assert set(row) == {*METRICS, "n"}, method
+        assert 0 <= row["lpips"] <= 1.5 and 0 <= row["dists"] <= 1 and row["psnr_rgb"] > 5
+    per_image = pd.read_csv(dvc_project / "eval" / "per_image.csv")
+    assert list(per_image.columns) == ["dataset", "image", "method", *METRICS]
+    report = (dvc_project / "reports" / "report.md").read_text()
+    for header in ("PSNR-Y (dB) ↑", "SSIM-Y ↑", "PSNR-RGB (dB) ↑", "LPIPS ↓", "DISTS ↓"):
+        assert header in report
+    for title in ("Bicubic", "Tokenizer reconstruction (ceiling)", "SRVAR", "MAR-SR"):
+        assert f"| {title} " in report
+    assert report.count("**") >= 2 * len(METRICS)  # one best per column
+    grids = sorted((dvc_project / "reports" / "samples").glob("*.png"))
+    assert len(grids) == 2
+    hr_side = 32  # TINY_PARAMS' hr_size; 5 columns (LR, bicubic, SRVAR, MAR-SR, HR), enlarged x6
+    grid = np.asarray(Image.open(grids[0]))
+    assert grid.shape[1] >= 5 * hr_side * 6 and grid.shape[0] > hr_side * 6
+    assert (dvc_project / "reports" / "curves.png").is_file()
+    wandb_runs = dvc_project / "runs" / "wandb"
+    tables = sorted(wandb_runs.glob("offline-run-*/files/media/table/per_image_*.table.json"))
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"][:7] == ["dataset", "image", "LR", "Bicubic", "SRVAR", "MAR-SR", "HR"]
+    assert {f"{m}/{k}" for m in metrics for k in METRICS} <= set(table["columns"])
+    # W&B turns a logged table with media into a run_table artifact holding the images.
+    record = next(tables[-1].parents[3].glob("run-*.wandb")).read_bytes()
+    assert b"run_table" in record and record.count(b"media/images/") >= 5

@@ -45,6 +45,12 @@ def method_title(name: str) -> str:
     return REFERENCE_METHODS.get(name) or (FAMILIES[name].title if name in FAMILIES else name)
 
 
+def method_order(name: str) -> int:
+    """Table order: the reference rows, then the families as registered, then anything else."""
+    known = [*REFERENCE_METHODS, *FAMILIES]
+    return known.index(name) if name in known else len(known)
+
+
 def model_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():

@@ -24,11 +24,11 @@ import pandas as pd  # noqa: E402
 
 from arsr.config import Params  # noqa: E402
 from arsr.eval.registry import METRICS  # noqa: E402
-from arsr.infer.registry import CEILING_METHODS, method_title  # noqa: E402
+from arsr.infer.registry import CEILING_METHODS, method_order, method_title  # noqa: E402
 from arsr.io import atomic_write_text  # noqa: E402
 from arsr.stages.common import EVAL_DIR, REPORTS_DIR, RUNS_DIR, stage_main  # noqa: E402
 
-TRAIN_STAGES = ("vqvae", "srvar", "mar")
+TRAIN_STAGES = ("base", "vqvae", "srvar", "mar")
 MAX_PANELS = 6
 
 
@@ -41,7 +41,7 @@ def metrics_table(metrics: dict) -> str:
         shown = [m for m in METRICS.values() if all(m.name in v for v in by_method.values())]
         ranked = {m: v for m, v in by_method.items() if m not in CEILING_METHODS}
         best = {k.name: k.best([v[k.name] for v in ranked.values()]) for k in shown if ranked}
-        for method, v in by_method.items():
+        for method, v in sorted(by_method.items(), key=lambda kv: method_order(kv[0])):
             row = {"dataset": dataset, "method": method_title(method)}
             for k in shown:
                 cell = f"{v[k.name]:.{k.digits}f}"
@@ -104,7 +104,7 @@ def plot_curves(runs: Path, out_png: Path) -> list[str]:
                     ax.plot(df["step"], df[df.columns[1]], style, lw=1.2, ms=3, label=label)
             if train and val:
                 ax.legend(fontsize=7)
-            ax.set_title(f"{stage}: {title}", fontsize=9)
+            ax.set_title(f"{stage}: {title if train else 'val ' + title}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
     fig.tight_layout()
