@@ -42,6 +42,7 @@ TINY_PARAMS = {
         "min_shards": 4,
         "workers": 2,
     },
+    "base": {"model": {"channels": 16, "depth": 3}, "train": {**_TINY_TRAIN, "nproc": 2}},
     "vqvae": {
         "model": {
             "ch": 16,

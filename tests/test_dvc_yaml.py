@@ -108,8 +108,8 @@ def test_a_logging_key_is_no_stage_param() -> None:
 def test_every_written_file_is_a_declared_output() -> None:
     """Timings go to the run folder of the stage that writes them, declared (uncached)."""
     stages = dvc_stages()
-    run_dir = {"shard": "shard", "tokenize": "tokenize", "train_vqvae": "vqvae", "train_srvar": "srvar",
-               "train_mar": "mar", "evaluate": "evaluate"}  # fmt: skip
+    run_dir = {"shard": "shard", "train_base": "base", "tokenize": "tokenize", "train_vqvae": "vqvae",
+               "train_srvar": "srvar", "train_mar": "mar", "evaluate": "evaluate"}  # fmt: skip
     for stage, folder in run_dir.items():
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages[stage].get("outs", [])]
         assert f"runs/{folder}/timing.json" in outs, f"{stage} does not declare runs/{folder}/timing.json"

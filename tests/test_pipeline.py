@@ -81,7 +81,7 @@ def test_dvc_dag_and_snakemake_dag_are_the_same_graph() -> None:
     smk_nodes, smk_edges = _dot_graph(smk_dot, r'(\d+)\[label = "([^"]+)"', r"(\d+) -> (\d+)")
     smk_nodes.discard("all")
     smk_edges = {e for e in smk_edges if "all" not in e}
-    assert dvc_nodes == smk_nodes and len(dvc_nodes) == 7
+    assert dvc_nodes == smk_nodes and len(dvc_nodes) == 8
     assert dvc_edges == smk_edges
 
 
@@ -96,7 +96,7 @@ def test_evaluate_and_report_show_every_metric_for_every_method(dvc_project: Pat
     from arsr.eval.registry import METRICS
 
     metrics = json.loads((dvc_project / "eval" / "metrics.json").read_text())["val"]
-    assert set(metrics) == {"bicubic", "vqvae_rec", "srvar", "mar"}
+    assert set(metrics) == {"bicubic", "vqvae_rec", "base", "srvar", "mar"}
     for method, row in metrics.items():
         assert set(row) == {*METRICS, "n"}, method
         assert 0 <= row["lpips"] <= 1.5 and 0 <= row["dists"] <= 1 and row["psnr_rgb"] > 5
@@ -105,19 +105,20 @@ def test_evaluate_and_report_show_every_metric_for_every_method(dvc_project: Pat
     report = (dvc_project / "reports" / "report.md").read_text()
     for header in ("PSNR-Y (dB) ↑", "SSIM-Y ↑", "PSNR-RGB (dB) ↑", "LPIPS ↓", "DISTS ↓"):
         assert header in report
-    for title in ("Bicubic", "Tokenizer reconstruction (ceiling)", "SRVAR", "MAR-SR"):
+    for title in ("Bicubic", "Tokenizer reconstruction (ceiling)", "Regression base", "SRVAR", "MAR-SR"):
         assert f"| {title} " in report
     assert report.count("**") >= 2 * len(METRICS)  # one best per column
     grids = sorted((dvc_project / "reports" / "samples").glob("*.png"))
     assert len(grids) == 2
-    hr_side = 32  # TINY_PARAMS' hr_size; 5 columns (LR, bicubic, SRVAR, MAR-SR, HR), enlarged x6
+    hr_side = 32  # TINY_PARAMS' hr_size; 6 columns (LR, bicubic, base, SRVAR, MAR-SR, HR), enlarged x6
     grid = np.asarray(Image.open(grids[0]))
-    assert grid.shape[1] >= 5 * hr_side * 6 and grid.shape[0] > hr_side * 6
+    assert grid.shape[1] >= 6 * hr_side * 6 and grid.shape[0] > hr_side * 6
     assert (dvc_project / "reports" / "curves.png").is_file()
     wandb_runs = dvc_project / "runs" / "wandb"
     tables = sorted(wandb_runs.glob("offline-run-*/files/media/table/per_image_*.table.json"))
     table = json.loads(tables[-1].read_text())
-    assert table["columns"][:7] == ["dataset", "image", "LR", "Bicubic", "SRVAR", "MAR-SR", "HR"]
+    images = ["LR", "Bicubic", "Regression base", "SRVAR", "MAR-SR", "HR"]
+    assert table["columns"][:8] == ["dataset", "image", *images]
     assert {f"{m}/{k}" for m in metrics for k in METRICS} <= set(table["columns"])
     # W&B turns a logged table with media into a run_table artifact holding the images.
     record = next(tables[-1].parents[3].glob("run-*.wandb")).read_bytes()

@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from arsr.eval.registry import METRICS
 from arsr.infer.mar import MARSampling
 from arsr.infer.srvar import SRVARSampling
+from arsr.models.base import BaseSRConfig
 from arsr.models.mar import MARConfig
 from arsr.models.srvar import SRVARConfig
 from arsr.models.vqvae import VQVAEConfig
@@ -120,6 +121,18 @@ class DataConfig(Section):
         return self
 
 
+_BASE_TRAIN = dict(
+    max_steps=800, base_lr=0.016, schedule="cos", warmup_steps=40, weight_decay=0.0, ema=0.999,
+    val_every=400, ckpt_every=200, log_every=50,
+)  # fmt: skip
+
+
+class BaseSection(Section):
+    model: BaseSRConfig = Field(default_factory=BaseSRConfig)
+    augment: bool = Field(True, description="random flips and transposes of the train pairs")
+    train: Annotated[TrainConfig, *train_field(**_BASE_TRAIN)]
+
+
 _VQVAE_TRAIN = dict(
     max_steps=800, batch_size=16, base_lr=0.032, warmup_steps=5, ema=0.999, val_every=400, ckpt_every=200,
     log_every=50,
@@ -169,7 +182,8 @@ class EvalConfig(Section):
     seed: int = 0
     num_samples: int = Field(4, ge=0, description="sample grids written")
     metrics: list[str] = Field(default_factory=lambda: list(METRICS), description="arsr.eval.registry names")
-    # One subsection per SR family (arsr.infer.registry.FAMILIES), so no setting means two things.
+    # One subsection per SR family with sampling settings (arsr.infer.registry.FAMILIES; the regression
+    # base has none), so no setting means two things.
     srvar: SRVARSampling = Field(default_factory=SRVARSampling)
     mar: MARSampling = Field(default_factory=MARSampling)
 
@@ -184,6 +198,7 @@ class EvalConfig(Section):
 class Params(Section):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
+    base: BaseSection = Field(default_factory=BaseSection)
     vqvae: VQVAESection = Field(default_factory=VQVAESection)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     srvar: SRVARSection = Field(default_factory=SRVARSection)
@@ -208,7 +223,7 @@ class Params(Section):
             raise ValueError(
                 f"mar.model.patch_size: {self.mar.model.patch_size} does not divide the latent grid {grid}"
             )
-        for name in ("vqvae", "srvar", "mar"):
+        for name in ("base", "vqvae", "srvar", "mar"):
             train: TrainConfig = getattr(self, name).train
             need = train.nproc * max(1, train.workers)
             if self.data.min_shards < need:
@@ -323,6 +338,7 @@ def tool_eval_config(
 
 __all__ = [
     "RUNTIME",
+    "BaseSection",
     "ConfigError",
     "DataConfig",
     "EvalConfig",

@@ -1,7 +1,8 @@
 """The SR model families: one entry each, the only list ``evaluate``, ``arsr upscale`` and the report
 read. A family is the ``kind`` its training stage writes into ``model.pt``, a row label, the
 dataclass of its sampling settings (params.yaml's ``eval.<name>``; ``--<name>-<field>`` options
-of ``arsr upscale`` / ``arsr evaluate``) and the function that turns its model.pt into an Upscaler.
+of ``arsr upscale`` / ``arsr evaluate``), or None for a deterministic family that has none (no
+``eval.<name>`` section, no options), and the function that turns its model.pt into an Upscaler.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from arsr.infer import mar, srvar
+from arsr.infer import base, mar, srvar
 from arsr.infer.tiling import Upscaler
 from arsr.train.checkpoint import CheckpointError, load_model_file, safe_load
 
@@ -25,11 +26,14 @@ from arsr.train.checkpoint import CheckpointError, load_model_file, safe_load
 class Family:
     name: str  # model.pt kind, eval section key, method name in tables
     title: str  # how reports label its row
-    sampling: type  # a frozen dataclass of sampling settings (defaults = params.yaml's eval.<name>)
+    # A frozen dataclass of sampling settings (defaults = params.yaml's eval.<name>); None: none.
+    sampling: type | None
     make_upscaler: Callable[[dict[str, Any], Any, torch.device | str], Upscaler]
 
 
+# Table order: the regression base first (next to bicubic), then the generative models.
 FAMILIES: dict[str, Family] = {
+    "base": Family("base", "Regression base", None, base.make_upscaler),
     "srvar": Family("srvar", "SRVAR", srvar.SRVARSampling, srvar.make_upscaler),
     "mar": Family("mar", "MAR-SR", mar.MARSampling, mar.make_upscaler),
 }
@@ -63,11 +67,14 @@ def model_kind(path: str | Path) -> str:
 
 def load_upscaler(path: str | Path, sampling: Any, device: torch.device | str = "cpu") -> Upscaler:
     """The Upscaler of an SR model.pt of any family; ``sampling`` has one attribute per family
-    (params' ``eval`` section). Another kind of model.pt is refused by name."""
+    (params' ``eval`` section; a family without sampling settings gets None). Another kind of
+    model.pt is refused by name."""
     kind = model_kind(path)
     if kind not in FAMILIES:
         raise CheckpointError(f"{path} holds a {kind!r} model; an SR model is needed ({', '.join(FAMILIES)})")
-    return FAMILIES[kind].make_upscaler(load_model_file(path, kind), getattr(sampling, kind), device)
+    fam = FAMILIES[kind]
+    settings = getattr(sampling, kind) if fam.sampling is not None else None
+    return fam.make_upscaler(load_model_file(path, kind), settings, device)
 
 
 # --------------------------------------------------------------------------------------
@@ -85,6 +92,8 @@ def _option_type(field: dataclasses.Field, hints: dict[str, Any]) -> dict[str, A
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
     """``--srvar-cfg``, ``--mar-num-iter``, ...: override params.yaml's ``eval.<family>.<field>``."""
     for fam in FAMILIES.values():
+        if fam.sampling is None:
+            continue
         group = ap.add_argument_group(f"{fam.title} sampling (default: params.yaml's eval.{fam.name})")
         hints = typing.get_type_hints(fam.sampling, include_extras=True)
         for f in dataclasses.fields(fam.sampling):
@@ -99,6 +108,6 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         name, sep, field = key.partition("__")
-        if sep and name in FAMILIES and value is not None:
+        if sep and name in FAMILIES and FAMILIES[name].sampling is not None and value is not None:
             out.setdefault(name, {})[field] = value
     return out

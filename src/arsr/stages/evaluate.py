@@ -5,9 +5,10 @@ the metrics of ``arsr.eval.registry`` (PSNR/SSIM on Y, PSNR on RGB, LPIPS, DISTS
     arsr evaluate --hr-dir DIR --scale 4 --methods bicubic,srvar,mar --metrics psnr,ssim,lpips,dists
 
 Rows: ``bicubic``, ``vqvae_rec`` (the VQVAE's reconstruction of HR: the ceiling of token
-models), then one per SR family of ``arsr.infer.registry.FAMILIES`` (``srvar``, ``mar``), each
-sampling with its ``eval.<family>`` settings. Protocol ``rgb-uint8`` (default): every row starts from the
-same RGB uint8 LR image; each metric scores the uint8 outputs in its own convention (the registry's);
+models), then one per SR family of ``arsr.infer.registry.FAMILIES`` (``base``, the regression
+baseline; ``srvar``, ``mar``, each sampling with its ``eval.<family>`` settings).
+Protocol ``rgb-uint8`` (default): every row starts from the same RGB uint8 LR image; each metric
+scores the uint8 outputs in its own convention (the registry's);
 ``y-float`` changes only the bicubic row's PSNR/SSIM (VDSR/EDSR's double-precision Y path).
 A metric whose weights are not installed is skipped with one line naming the package.
 Whole images of any size go through the tiling of ``arsr.infer.tiling``.
