@@ -54,4 +54,4 @@ def test_a_bad_key_is_named(raw: dict, names: str) -> None:
 def test_a_partial_train_section_keeps_the_stage_recipe() -> None:
     p = parse_params({"mar": {"train": {"max_steps": 30}}, "vqvae": {"train": {"nproc": 1}}})
     assert p.mar.train.max_steps == 30 and p.mar.train.grad_clip == 3.0  # MAR's recipe
-    assert p.vqvae.train.max_steps == 800 and p.vqvae.train.nproc == 1  # the tokenizer's
+    assert p.vqvae.train.max_steps == 200 and p.vqvae.train.nproc == 1  # the tokenizer's

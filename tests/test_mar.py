@@ -1,4 +1,5 @@
-"""MAR (class mode and MAR-SR): layout, randomness, schedule, conditioning, CFG, overfitting."""
+"""MAR (class mode and MAR-SR): layout, randomness, schedule, conditioning (of the tokenizer's width or
+its own), CFG, overfitting, and the upscaler with both tokenizers."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arsr.data.loader import to_uint8
 from arsr.data.tokens import TokenFacts
-from arsr.infer.mar import build_mar_sr
+from arsr.infer.mar import MARSampling, MARUpscaler, build_mar_sr, lr_norm_of, lr_stats_of, make_upscaler
+from arsr.infer.tokenizer import load_tokenizer, lr_condition, tokenizer_entry
+from arsr.models.base import BaseSR, BaseSRConfig
 from arsr.models.mar import MAR, MAR_B, MAR_H, MAR_L, MARConfig, mask_schedule, tokens_per_step
+from arsr.models.residual import SRTokenizer
+from arsr.models.vqvae import VQVAE, VQVAEConfig
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mar_base_keys.tsv"
 
@@ -84,11 +90,12 @@ def test_build_from_mar_config():
         buffer_size=16, diffloss_depth=3, diffloss_width=256, num_sampling_steps="ddim25",
     )  # fmt: skip
     facts = TokenFacts(
-        hr_size=64, scale=4, num_classes=0, patch_nums=(1, 2, 4, 8), vocab_size=64, Cvae=32,
-        vqvae_sha256="0" * 64, samples=1, mean=(0.0,) * 32, std=(1.0,) * 32,
+        hr_size=64, scale=4, num_classes=0, patch_nums=(1, 2, 4, 8), vocab_size=64, Cvae=32, target="hr",
+        lr_channels=32, vqvae_sha256="0" * 64, samples=1, mean=(0.0,) * 32, std=(1.0,) * 32,
     )  # fmt: skip
     model = build_mar_sr(cfg, facts)
     assert model.seq_len == 64 and model.token_dim == 32 and model.buffer_size == cfg.buffer_size
+    assert model.lr_dim == 32
     assert model.encoder_pos_embed_learned.shape == (1, 16 + 64, 256)
     assert len(model.encoder_blocks) == 4 and len(model.diffloss.net.res_blocks) == 3
     assert model.diffloss.gen_diffusion.num_timesteps == len(model.diffloss.gen_diffusion.timestep_map)
@@ -96,6 +103,26 @@ def test_build_from_mar_config():
     rebuilt.load_state_dict(model.state_dict())  # strict
     assert not hasattr(model, "class_emb")
     assert hasattr(build_mar_sr(cfg, replace(facts, num_classes=5)), "class_emb")
+    # a residual tokenizer: the LR condition (the base's features) has its own width
+    residual = build_mar_sr(cfg, replace(facts, target="residual", lr_channels=64))
+    assert residual.lr_dim == 64 and residual.null_lr.shape == (1, 64, 64) and residual.token_dim == 32
+    assert residual.lr_proj_enc.in_features == 64 and residual.lr_pool.proj.in_features == 64
+
+
+def test_lr_channels_other_than_the_token_width_train_and_sample():
+    """MAR-SR with a 6-channel LR condition (e.g. the base's features) over 4-channel tokens."""
+    config = replace(TINY_SR, attn_dropout=0.0, proj_dropout=0.0)
+    model = _random_head(MAR(config, grid_size=4, token_channels=4, lr_channels=6)).train()
+    x, lrf = torch.randn(4, 4, 4, 4), torch.randn(4, 6, 4, 4)
+    loss = model(x, lrf, generator=_gen(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.lr_proj_dec.weight.grad.abs().sum() > 0
+    model.eval()
+    out = model.sample_tokens(lrf, num_iter=2, cfg=2.0, generator=_gen(1))
+    assert out.shape == (4, 4, 4, 4) and torch.isfinite(out).all()
+    assert torch.equal(out, model.sample_tokens(lrf, num_iter=2, cfg=2.0, generator=_gen(1)))
+    other = model.sample_tokens(lrf + torch.randn_like(lrf), num_iter=2, cfg=2.0, generator=_gen(1))
+    assert (other - out).abs().max() > 1e-4  # the condition matters
 
 
 # --------------------------------------------------------------------------------------
@@ -361,3 +388,88 @@ def test_load_official(tmp_path):
         dst.load_official(evil, ema=False)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         dst.load_official(tmp_path / "nope.pth")
+
+
+# --------------------------------------------------------------------------------------
+# the upscaler with either tokenizer
+# --------------------------------------------------------------------------------------
+def _tiny_tokenizer_file(target: str) -> dict:
+    """A train_vqvae-like model.pt dict of a tiny tokenizer (8 px HR, 4x4 grid of 4 channels); the
+    residual one over a tiny x2 base of 8 channels (its LR condition's width)."""
+    torch.manual_seed(0)
+    vae = VQVAE(VQVAEConfig(vocab_size=32, z_channels=4, ch=8, ch_mult=(1, 2), patch_nums=(1, 2, 4)))
+    entry = {"config": vae.model_config(), "state_dict": vae.state_dict(), "extra": {"target": "hr"}}
+    if target == "residual":
+        base = BaseSR(BaseSRConfig(channels=8, depth=2), scale=2)
+        torch.nn.init.normal_(base.tail.weight, std=0.05)
+        base_file = {"config": base.model_config(), "state_dict": base.state_dict(),
+                     "extra": {"scale": 2, "hr_size": 8}}  # fmt: skip
+        entry["extra"] = {"target": "residual", "base": base_file, "sigma": 0.3}
+    return entry
+
+
+def _facts(tok: SRTokenizer) -> TokenFacts:
+    return TokenFacts(
+        hr_size=8, scale=2, num_classes=0, patch_nums=(1, 2, 4), vocab_size=32, Cvae=4, target=tok.target,
+        lr_channels=tok.lr_channels, vqvae_sha256="0" * 64, samples=1, mean=(0.1, -0.2, 0.0, 0.3),
+        std=(1.0, 0.5, 2.0, 1.5),
+    )  # fmt: skip
+
+
+def test_lr_norm_follows_the_tokenizer():
+    hr = _facts(load_tokenizer(_tiny_tokenizer_file("hr")))
+    norm = lr_norm_of(hr, None)  # the HR latents' stats: one latent space
+    assert norm.mean_C.tolist() == pytest.approx(hr.mean) and norm.std_C.tolist() == pytest.approx(hr.std)
+    res = _facts(load_tokenizer(_tiny_tokenizer_file("residual")))
+    with pytest.raises(ValueError, match="lr_stats"):
+        lr_norm_of(res, None)
+    with pytest.raises(ValueError, match="8"):
+        lr_norm_of(res, {"mean": [0.0] * 4, "std": [1.0] * 4})
+    x = torch.rand(1000, 8, dtype=torch.float64) * (torch.arange(8) + 1) + torch.arange(8)
+    x[:, 3] = 2.0  # a dead channel
+    stats = lr_stats_of(x.sum(0).tolist(), x.square().sum(0).tolist(), 1000)
+    assert stats["mean"] == pytest.approx(x.mean(0).tolist())
+    assert stats["std"][:3] == pytest.approx(x.std(0, unbiased=False)[:3].tolist())
+    assert 0 < stats["std"][3] < 0.1  # floored, never 0
+    assert lr_norm_of(res, stats).std_C.shape == (8,)
+
+
+@pytest.mark.parametrize("target", ["hr", "residual"])
+def test_upscaler_conditions_samples_and_decodes_through_the_tokenizer(target: str):
+    """make_upscaler of a model.pt dict: condition = lr_norm(lr_condition(tok, LR)) of the tokenizer's
+    width, output = tok.fhat_to_img(f_to_fhat(denormalized sample), LR)."""
+    entry = _tiny_tokenizer_file(target)
+    tok = load_tokenizer(entry)
+    facts = _facts(tok)
+    assert facts.lr_channels == (4 if target == "hr" else 8)
+    torch.manual_seed(0)
+    model = _random_head(build_mar_sr(TINY_SR, facts))
+    assert model.lr_dim == facts.lr_channels
+    lr_stats = {"mean": [0.5] * facts.lr_channels, "std": [2.0] * facts.lr_channels}
+    model_file = {
+        "config": model.model_config(), "state_dict": model.state_dict(),
+        "extra": {"vqvae": tokenizer_entry(entry), "token_facts": facts.to_dict(), "lr_stats": lr_stats},
+    }  # fmt: skip
+    sampling = MARSampling(num_iter=2, cfg=1.5)
+    up = make_upscaler(model_file, sampling, "cpu")
+    assert up.tok.target == target and (up.hr_size, up.scale) == (8, 2)
+    lr = torch.rand(2, 3, 4, 4, generator=_gen(5)) * 2 - 1
+    out = up(lr, seed=3)
+    assert out.shape == (2, 3, 8, 8) and out.min() >= -1 and out.max() <= 1
+    assert torch.equal(out, up(lr, seed=3))
+
+    lrf16 = lr_condition(tok, [to_uint8(x) for x in lr], 8)
+    norm = lr_norm_of(facts, lr_stats)
+    if target == "hr":  # the HR latents' stats, whatever model.pt says
+        torch.testing.assert_close(norm.std_C, torch.tensor(facts.std))
+    assert torch.equal(up.condition(lr), norm.normalize(lrf16))
+    x = model.sample_tokens(up.condition(lr), num_iter=2, cfg=1.5, generator=_gen(3))
+    f = x * torch.tensor(facts.std)[:, None, None] + torch.tensor(facts.mean)[:, None, None]
+    expected = tok.fhat_to_img(tok.vae.f_to_fhat(f), lr)
+    if target == "residual":  # base(LR) + sigma * D(f_hat)
+        torch.testing.assert_close(
+            expected, (tok.base(lr) + 0.3 * tok.vae.decode(tok.vae.f_to_fhat(f))).clamp(-1, 1)
+        )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="LR channels"):
+        MARUpscaler(build_mar_sr(TINY_SR, replace(facts, lr_channels=16)), tok, facts, sampling)

@@ -4,7 +4,8 @@ A module fixture cuts tiny image shards (built-in photos, 32 px), tokenizes them
 tiny VQVAE (the stage only needs *a* tokenizer; its quality is the train_vqvae tests' business) and
 trains a tiny MAR-SR for a few steps through the launcher: torchrun, 2 DDP ranks on CPU, bf16, W&B
 offline. The tests check the outputs, recompute the val loss and the inference path independently,
-and run `arsr upscale` on the resulting model.pt.
+and run `arsr upscale` on the resulting model.pt. A second fixture does the same in one process with
+a residual tokenizer (an untrained tiny base + VQVAE): an LR condition of the base's width.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from stage_helpers import one_thread, write_params_file  # noqa: F401 (one_threa
 
 from arsr.cli import main as arsr_main
 from arsr.config import load_params
-from arsr.data.loader import decode_pair, decode_tokens, eval_loader
+from arsr.data.loader import decode_pair, decode_tokens, eval_loader, to_uint8
 from arsr.data.shards import shard_urls
 from arsr.data.tokens import TokenFacts
-from arsr.infer.mar import LatentNorm, MARSampling, build_mar_sr, make_upscaler
-from arsr.infer.tokenizer import load_vqvae, upsample_lr
+from arsr.infer.mar import LatentNorm, MARSampling, build_mar_sr, lr_norm_of, make_upscaler
+from arsr.infer.tokenizer import load_tokenizer, load_vqvae, lr_condition, upsample_lr
+from arsr.models.base import BaseSR, BaseSRConfig
 from arsr.models.mar import MAR, MARConfig
 from arsr.models.vqvae import VQVAE
 from arsr.stages import tokenize, train_mar
@@ -57,13 +59,25 @@ def write_params(folder: Path, **over) -> Path:
     return write_params_file(folder, TINY, **over)
 
 
-def make_tokens(root: Path, params_path: Path, seed: int = 0) -> None:
-    """shards/ -> runs/vqvae/model.pt (an untrained tokenizer) -> tokens/ with latent_stats.json."""
+BASE_CHANNELS = 16  # the residual tokenizer's base width: its LR condition's (the latent has 8)
+SIGMA = 0.3
+
+
+def make_tokens(root: Path, params_path: Path, seed: int = 0, residual: bool = False) -> None:
+    """shards/ -> runs/vqvae/model.pt (an untrained tokenizer: hr, or residual over an untrained
+    x4 base of BASE_CHANNELS) -> tokens/ with latent_stats.json."""
     params = load_params(params_path)
     torch.manual_seed(seed)
     vae = VQVAE(params.vqvae.model)
+    extra = {"target": "hr"}
+    if residual:
+        base = BaseSR(BaseSRConfig(channels=BASE_CHANNELS, depth=3), scale=4)
+        torch.nn.init.normal_(base.tail.weight, std=0.02)  # a base that adds something to bicubic
+        base_file = {"config": base.model_config(), "state_dict": base.state_dict(),
+                     "extra": {"scale": 4, "hr_size": 32}}  # fmt: skip
+        extra = {"target": "residual", "sigma": SIGMA, "base": base_file}
     model = root / "runs/vqvae/model.pt"
-    save_model_file(model, kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict())
+    save_model_file(model, kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict(), extra=extra)
     tokenize.run_tokenize(params, root / "shards", model, root / "tokens", root / "runs")
 
 
@@ -87,6 +101,21 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "--nproc-per-node=2" in proc.stderr  # DDP through torchrun
+    return root
+
+
+@pytest.fixture(scope="module")
+def proj_residual(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stage in one process (W&B off) on the tokens of a residual tokenizer."""
+    root = tmp_path_factory.mktemp("mar_residual")
+    params = write_params(root, **{"mar.train.nproc": 1})
+    run_shard(str(params), str(root / "shards"), str(root / "runs"))
+    make_tokens(root, params, residual=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "arsr.stages.train_mar", *stage_args(root, params)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 
 
@@ -119,9 +148,12 @@ def test_model_file_is_self_contained(proj: Path):
     assert extra["token_facts"]["std"] == pytest.approx(stats["std"])
     assert extra["token_facts"] == stats
     vqvae = load_model_file(proj / "runs/vqvae/model.pt", kind="vqvae")
-    assert extra["vqvae"]["config"] == vqvae["config"]
+    assert extra["vqvae"]["config"] == vqvae["config"] and extra["vqvae"]["extra"] == {"target": "hr"}
     for k, v in vqvae["state_dict"].items():
         assert torch.equal(extra["vqvae"]["state_dict"][k], v), k
+    # the hr tokenizer's LR condition is normalized with the HR latents' stats
+    assert extra["lr_stats"]["mean"] == pytest.approx(stats["mean"])
+    assert extra["lr_stats"]["std"] == pytest.approx(stats["std"])
 
 
 def test_metrics_plots_and_timing(proj: Path):
@@ -146,7 +178,8 @@ def test_val_loss_is_the_ema_models_loss_over_the_val_split(proj: Path):
     urls = shard_urls(proj / "tokens", "val")
     total, count = 0.0, 0
     for rank in range(2):
-        validator = train_mar.Validator(urls, norm, False, 0, DistInfo(rank, 2, rank, torch.device("cpu")))
+        dist = DistInfo(rank, 2, rank, torch.device("cpu"))
+        validator = train_mar.Validator(urls, norm, norm, False, 0, dist)  # hr: LR normalized like HR
         for batch in validator.make_iter():
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 s, n = validator(model, batch)["diff_loss"]
@@ -211,14 +244,14 @@ def test_upscaler_conditions_on_lrf_as_tokenize_computed_it(proj: Path):
     up = make_upscaler(d, MARSampling(), "cpu")
     images, tokens = val_pairs(proj, 4)
     torch.testing.assert_close(
-        up.condition(images["lr"]), up.norm.normalize(tokens["lrf"]), rtol=0, atol=2e-2 / min(up.norm.std_C)
+        up.condition(images["lr"]),
+        up.lr_norm.normalize(tokens["lrf"]),
+        rtol=0,
+        atol=2e-2 / min(up.lr_norm.std_C),
     )  # float16 storage of lrf
 
 
-def test_inference_input_is_bit_equal_to_training_input(proj: Path):
-    """MAR-SR's inference input is bit-equal to its training input for the same LR: the token
-    shard's stored ``lrf`` (float16), normalized as ``train_mar.mar_loss`` hands it to the model,
-    equals ``MARUpscaler.condition`` of the image shard's LR crop."""
+def assert_inference_input_is_training_input(proj: Path) -> None:
     up = make_upscaler(load_model_file(proj / "runs/mar/model.pt", kind="mar"), MARSampling(), "cpu")
     facts = TokenFacts.read(proj / "tokens")
     images, tokens = val_pairs(proj, 8)
@@ -229,12 +262,21 @@ def test_inference_input_is_bit_equal_to_training_input(proj: Path):
         seen.update(x=x, lrf=lrf, labels=labels)
         return x.sum()
 
-    train_mar.mar_loss(spy, tokens, LatentNorm(facts.mean, facts.std), use_labels=False)
+    lr_norm = train_mar.make_lr_norm(facts, shard_urls(proj / "tokens", "train"))  # as the stage does
+    train_mar.mar_loss(spy, tokens, LatentNorm(facts.mean, facts.std), lr_norm, use_labels=False)
     trained_on = seen["lrf"]
-    assert trained_on.dtype == torch.float32 and trained_on.shape == (8, facts.Cvae, facts.grid, facts.grid)
+    shape = (8, facts.lr_channels, facts.grid, facts.grid)
+    assert trained_on.dtype == torch.float32 and trained_on.shape == shape
     inferred_on = up.condition(images["lr"])
     assert inferred_on.dtype == trained_on.dtype
     assert torch.equal(inferred_on, trained_on), (inferred_on - trained_on).abs().max()
+
+
+def test_inference_input_is_bit_equal_to_training_input(proj: Path):
+    """MAR-SR's inference input is bit-equal to its training input for the same LR: the token
+    shard's stored ``lrf`` (float16), normalized as ``train_mar.mar_loss`` hands it to the model,
+    equals ``MARUpscaler.condition`` of the image shard's LR crop."""
+    assert_inference_input_is_training_input(proj)
 
 
 def test_upscaler_samples_then_requantizes_and_decodes(proj: Path):
@@ -252,7 +294,7 @@ def test_upscaler_samples_then_requantizes_and_decodes(proj: Path):
     vae = load_vqvae(d["extra"]["vqvae"])
     mean = torch.tensor(d["extra"]["token_facts"]["mean"])[:, None, None]
     std = torch.tensor(d["extra"]["token_facts"]["std"])[:, None, None]
-    lrf16 = up.vqvae.img_to_f(torch.stack([tokenize_input(x) for x in images["lr"]])).half()  # as stored
+    lrf16 = vae.img_to_f(torch.stack([tokenize_input(x) for x in images["lr"]])).half()  # as stored
     lrf = (lrf16.float() - mean) / std
     x = model.eval().sample_tokens(
         lrf, num_iter=3, cfg=1.5, cfg_schedule="constant", temperature=0.9,
@@ -281,6 +323,54 @@ def test_arsr_upscale_writes_images_scale_times_larger(proj: Path, tmp_path: Pat
     assert arsr_main(argv) == 0
     assert Image.open(tmp_path / "out/a_x4.png").size == (13 * 4, 11 * 4)
     assert Image.open(tmp_path / "out/b_x4.png").size == (5 * 4, 6 * 4)
+
+
+# ------------------------------------------------------------------------------------------
+# A residual tokenizer: the LR condition is the base's features, normalized by their own stats
+# ------------------------------------------------------------------------------------------
+def test_residual_tokenizer_trains_with_its_own_lr_width_and_stats(proj_residual: Path):
+    d = load_model_file(proj_residual / "runs/mar/model.pt", kind="mar")
+    extra, facts = d["extra"], TokenFacts.from_dict(d["extra"]["token_facts"])
+    assert (facts.target, facts.lr_channels, facts.Cvae) == ("residual", BASE_CHANNELS, 8)
+    assert extra["vqvae"]["extra"]["target"] == "residual" and extra["vqvae"]["extra"]["sigma"] == SIGMA
+    assert d["state_dict"]["null_lr"].shape == (1, facts.grid**2, BASE_CHANNELS)
+    load_mar(d)  # strict
+    # lr_stats: the per-channel mean / std of the stored train lrf (all of it: fewer than 1024 samples)
+    train = list(
+        eval_loader(shard_urls(proj_residual / "tokens", "train"), decode=decode_tokens, batch_size=64)
+    )
+    lrf = torch.cat([b["lrf"] for b in train]).double()
+    assert len(lrf) <= train_mar.LR_STATS_SAMPLES
+    assert extra["lr_stats"]["mean"] == pytest.approx(lrf.mean((0, 2, 3)).tolist(), rel=1e-4, abs=1e-6)
+    std = lrf.transpose(0, 1).flatten(1).std(1, unbiased=False)
+    live = std > 1e-2 * std.mean()  # (dead channels are floored)
+    assert torch.tensor(extra["lr_stats"]["std"])[live].tolist() == pytest.approx(
+        std[live].tolist(), rel=1e-4
+    )
+    metrics = json.loads((proj_residual / "runs/mar/metrics.json").read_text())
+    assert np.isfinite(metrics["val"]["diff_loss"])
+
+
+def test_residual_inference_input_is_bit_equal_to_training_input(proj_residual: Path):
+    assert_inference_input_is_training_input(proj_residual)
+
+
+def test_residual_upscaler_decodes_on_top_of_the_base(proj_residual: Path):
+    """Output = tok.fhat_to_img(f_to_fhat(denormalized sample), LR) = base(LR) + sigma * D(f_hat)."""
+    d = load_model_file(proj_residual / "runs/mar/model.pt", kind="mar")
+    sampling = MARSampling(num_iter=2)
+    up = make_upscaler(d, sampling, "cpu")
+    images, _ = val_pairs(proj_residual, 2)
+    out = up(images["lr"], seed=5)
+    assert out.shape == (2, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    tok, facts = load_tokenizer(d["extra"]["vqvae"]), TokenFacts.from_dict(d["extra"]["token_facts"])
+    lr_norm = lr_norm_of(facts, d["extra"]["lr_stats"])
+    lrf = lr_norm.normalize(lr_condition(tok, [to_uint8(x) for x in images["lr"]], 32))
+    x = load_mar(d).eval().sample_tokens(lrf, num_iter=2, generator=torch.Generator().manual_seed(5))
+    f = LatentNorm(facts.mean, facts.std).denormalize(x)
+    d_img = tok.vae.decode(tok.vae.f_to_fhat(f))
+    expected = (tok.base(images["lr"]) + SIGMA * d_img).clamp(-1, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
    from another sample's LR.
 2. The stage end to end on tiny token shards (shard -> tiny VQVAE -> tokenize -> launch with 2 DDP
    ranks, refiner on, W&B offline): model.pt, metrics.json, plots, W&B sample grids.
-3. `arsr upscale` with the resulting model.pt: sizes, the LR path matching tokenize's, refusals.
+3. `arsr upscale` with the resulting model.pt: sizes, the LR path matching tokenize's, decodes, refusals.
+4. The stage in one process with a residual tokenizer (untrained tiny base + VQVAE): SRVAR takes
+   the base's features (another width than the latent) and decodes on top of the base.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from arsr.cli import main as arsr_main
 from arsr.config import SRVARSection, TrainConfig, load_params
 from arsr.data.loader import decode_tokens, eval_loader, to_uint8, to_unit_range
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
+from arsr.infer.registry import FAMILIES
 from arsr.infer.srvar import SRVARSampling, make_upscaler
-from arsr.infer.tokenizer import lr_condition
+from arsr.infer.tokenizer import load_tokenizer, lr_condition
+from arsr.models.base import BaseSR, BaseSRConfig
 from arsr.models.srvar import SRVAR, SRVARConfig
 from arsr.models.vqvae import VQVAE, VQVAEConfig
 from arsr.stages import tokenize, train_srvar
@@ -146,7 +150,7 @@ def test_stage_writes_a_self_contained_model_and_metrics(proj: Path):
     extra = d["extra"]
     assert (extra["token_facts"]["hr_size"], extra["token_facts"]["scale"]) == (32, 4)
     assert extra["token_facts"] == stats
-    assert extra["vqvae"]["config"] == vq["config"]
+    assert extra["vqvae"]["config"] == vq["config"] and extra["vqvae"]["extra"] == vq["extra"]
     assert all(torch.equal(extra["vqvae"]["state_dict"][k], v) for k, v in vq["state_dict"].items())
     assert all(torch.isfinite(v).all() for v in d["state_dict"].values() if v.is_floating_point())
 
@@ -188,7 +192,7 @@ def test_upscaler_conditions_like_tokenize(proj: Path):
     )
     assert tokens["key"] == [s["__key__"] for s in images]
     lr = torch.stack([to_unit_range(decode_png(s["lr.png"])) for s in images])
-    lrf = lr_condition(up.vae, [to_uint8(x) for x in lr], up.hr_size).float()
+    lrf = lr_condition(up.tok, [to_uint8(x) for x in lr], up.hr_size).float()
     torch.testing.assert_close(lrf, tokens["lrf"], rtol=0, atol=2e-3)  # fp16 ulps
     a, b, c = up(lr, seed=3), up(lr, seed=3), up(lr, seed=4)
     assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
@@ -210,13 +214,33 @@ def test_arsr_upscale_folder(proj: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert np.asarray(Image.open(tmp_path / "out/odd_x4.png")).shape == (52, 40, 3)
 
 
+def test_arsr_upscale_decode_options(proj: Path, tmp_path: Path):
+    """--srvar-decode / --srvar-temperature come from SRVARSampling; greedy and soft tokens are seed-free."""
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        tmp_path / "a.png"
+    )
+    model = str(proj / "runs/srvar/model.pt")
+    for decode in ("greedy", "soft", "sample"):
+        argv = ["upscale", "--model", model, "--input", str(tmp_path / "a.png"), "--output",
+                str(tmp_path / decode), "--device", "cpu", "--params", str(tmp_path / "none.yaml"),
+                "--srvar-decode", decode, "--srvar-temperature", "0.7"]  # fmt: skip
+        assert arsr_main(argv) == 0
+        assert np.asarray(Image.open(tmp_path / decode / "a_x4.png")).shape == (32, 32, 3)
+    d = load_model_file(model, kind="srvar")
+    lr = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for decode in ("greedy", "soft"):
+        up = make_upscaler(d, SRVARSampling(decode=decode, temperature=0.7), "cpu")
+        up.refine = False  # the refiner draws its residual from the seed
+        assert torch.equal(up(lr, seed=0), up(lr, seed=1)), decode
+
+
 def test_arsr_upscale_refusals(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     img = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
     base = ["upscale", "--output", str(tmp_path / "out"), "--device", "cpu"]
     vqvae = str(proj / "runs/vqvae/model.pt")
     assert arsr_main([*base, "--model", vqvae, "--input", str(img)]) == 2
-    assert "holds a 'vqvae' model; an SR model is needed (srvar, mar)" in capsys.readouterr().err
+    assert f"holds a 'vqvae' model; an SR model is needed ({', '.join(FAMILIES)})" in capsys.readouterr().err
 
     model = str(proj / "runs/srvar/model.pt")
     notes = tmp_path / "notes.txt"
@@ -260,3 +284,76 @@ def test_token_facts_are_read_strictly(proj: Path, tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert f"{facts_file}: missing {key}" in err and "rerun" in err
     assert not (tmp_path / "srvar").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# 4. A residual tokenizer
+# ------------------------------------------------------------------------------------------
+BASE_CHANNELS, SIGMA = 16, 0.3  # the base's width (the LR condition's; the latent has 8) and sigma
+
+
+@pytest.fixture(scope="module")
+def proj_residual(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """shard -> an untrained tiny x4 base + VQVAE as a residual tokenizer -> tokenize -> train_srvar
+    (one process)."""
+    root = tmp_path_factory.mktemp("srvar_residual")
+    tiny = json.loads(json.dumps(TINY))
+    tiny["srvar"]["train"]["nproc"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny))
+    params = load_params(root / "params.yaml")
+    run_shard(str(root / "params.yaml"), str(root / "data/shards"), str(root / "runs"))
+    torch.manual_seed(0)
+    vae = VQVAE(params.vqvae.model)
+    base = BaseSR(BaseSRConfig(channels=BASE_CHANNELS, depth=3), scale=4)
+    torch.nn.init.normal_(base.tail.weight, std=0.02)  # a base that adds something to bicubic
+    base_file = {
+        "config": base.model_config(),
+        "state_dict": base.state_dict(),
+        "extra": {"scale": 4, "hr_size": 32},
+    }
+    save_model_file(
+        root / "runs/vqvae/model.pt", kind="vqvae", config=vae.model_config(), state_dict=vae.state_dict(),
+        extra={"target": "residual", "sigma": SIGMA, "base": base_file},
+    )  # fmt: skip
+    tokenize.run_tokenize(
+        params, root / "data/shards", root / "runs/vqvae/model.pt", root / "data/tokens", root / "runs"
+    )
+    env = {**_env(), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "arsr.stages.train_srvar"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root
+
+
+def test_residual_tokenizer_srvar_takes_the_base_features(proj_residual: Path):
+    d = load_model_file(proj_residual / "runs/srvar/model.pt", kind="srvar")
+    facts, vq = d["extra"]["token_facts"], d["extra"]["vqvae"]
+    assert (facts["target"], facts["lr_channels"], facts["Cvae"]) == ("residual", BASE_CHANNELS, 8)
+    assert vq["extra"]["target"] == "residual" and vq["extra"]["sigma"] == SIGMA
+    assert d["state_dict"]["cfg_uncond"].shape == (16, BASE_CHANNELS)
+    assert d["state_dict"]["lr_in.weight"].shape[1] == BASE_CHANNELS
+    assert d["state_dict"]["word_embed.weight"].shape[1] == 8
+    metrics = json.loads((proj_residual / "runs/srvar/metrics.json").read_text())
+    assert all(np.isfinite(v) for v in metrics["val"].values())
+
+
+def test_residual_upscaler_conditions_like_tokenize_and_decodes_on_the_base(proj_residual: Path):
+    d = load_model_file(proj_residual / "runs/srvar/model.pt", kind="srvar")
+    up = make_upscaler(d, SRVARSampling(decode="greedy"), "cpu")
+    images = list(iter_tar_samples(shard_urls(proj_residual / "data/shards", "val")))[:4]
+    tokens = next(
+        iter(
+            eval_loader(shard_urls(proj_residual / "data/tokens", "val"), decode=decode_tokens, batch_size=4)
+        )
+    )
+    lr = torch.stack([to_unit_range(decode_png(s["lr.png"])) for s in images])
+    lrf = lr_condition(up.tok, [to_uint8(x) for x in lr], up.hr_size).float()
+    assert lrf.shape == (4, BASE_CHANNELS, 4, 4)
+    assert torch.equal(lrf, tokens["lrf"])  # float16 both, computed the same way on the CPU
+    up.refine = False
+    out = up(lr, seed=0)
+    assert out.shape == (4, 3, 32, 32) and torch.equal(out, up(lr, seed=1))  # greedy tokens: seed-free
+    tok = load_tokenizer(d["extra"]["vqvae"])
+    f_hat, _ = up.model.sample_fhat(lrf, tok.vae, cfg=0, decode="greedy", refine=False)
+    expected = (tok.base(lr) + SIGMA * tok.vae.decode(f_hat)).clamp(-1, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

@@ -40,8 +40,10 @@ TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 8,
              "min_shards": 2, "workers": 1},
-    "vqvae": {"model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
-                        "patch_nums": PN},
+    # VAR's tokenizer of the HR (target hr, no linear path); the residual target: test_residual_tokenizer.py
+    "vqvae": {"target": "hr", "kmeans_init": False,
+              "model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
+                        "patch_nums": PN, "linear_path": False},
               "restart_every": 2,
               "train": {"max_steps": STEPS, "batch_size": 8, "workers": 0, "base_lr": 0.05, "warmup_steps": 1,
                         "val_every": 3, "log_every": 2, "ckpt_every": 100}},
@@ -340,7 +342,9 @@ def test_default_training_reaches_the_tokenizer_targets(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_bytes((root / "params.yaml").read_bytes())
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("WANDB_SERVICE", None)
-    for stage in (["arsr.stages.shard"], ["arsr.stages.launch", "train_vqvae"]):
+    launch = ["arsr.stages.launch"]
+    stages = (["arsr.stages.shard"], [*launch, "train_base"], [*launch, "train_vqvae"])
+    for stage in stages:
         proc = subprocess.run(
             [sys.executable, "-m", *stage], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
         )

@@ -134,19 +134,32 @@ class BaseSection(Section):
 
 
 _VQVAE_TRAIN = dict(
-    max_steps=800, batch_size=16, base_lr=0.032, warmup_steps=5, ema=0.999, val_every=400, ckpt_every=200,
-    log_every=50,
+    max_steps=200, batch_size=32, base_lr=0.016, warmup_steps=5, weight_decay=0.0, ema=0.999, val_every=100,
+    ckpt_every=100, log_every=25,
 )  # fmt: skip
 
 
 class VQVAESection(Section):
     pretrained: str | None = Field(None, description="official VAR vae .pth to adopt instead of training")
+    target: Literal["residual", "hr"] = Field(
+        "residual", description="residual: tokens of (HR - base(LR)) / sigma; hr: VAR's tokenizer of the HR"
+    )
     model: VQVAEConfig = Field(default_factory=VQVAEConfig)
+    kmeans_init: bool = Field(True, description="codebook from k-means on encoder outputs before step 1")
     restart_dead_codes: bool = True
     restart_every: int = Field(25, ge=1, description="steps between dead-code restarts")
     augment: bool = Field(True, description="random RGB order, flips and negatives of the train crops")
     perceptual_weight: float = Field(0.0, ge=0, description="weight of LPIPS(rec, x) in the loss (VAR: 1.0)")
     train: Annotated[TrainConfig, *train_field(**_VQVAE_TRAIN)]
+
+    @model_validator(mode="after")
+    def _official_weights_are_var_layout(self) -> VQVAESection:
+        if self.pretrained and (self.target != "hr" or self.model.linear_path):
+            raise ValueError(
+                "pretrained: VAR's official weights are a tokenizer of the HR image: set vqvae.target: hr "
+                "and vqvae.model.linear_path: false"
+            )
+        return self
 
 
 class TokenizeConfig(Section):

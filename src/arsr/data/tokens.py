@@ -31,6 +31,8 @@ class TokenFacts:
     patch_nums: tuple[int, ...]  # the tokenizer's token-map sides; the last is the latent grid
     vocab_size: int
     Cvae: int  # latent channels
+    target: str  # what the tokens encode: "hr" (the HR image) or "residual" (HR - base(LR), normalised)
+    lr_channels: int  # channels of the LR condition lrf [lr_channels, grid, grid] in the token shards
     vqvae_sha256: str  # of the runs/vqvae/model.pt the tokens were made with
     samples: int  # train samples the stats were measured on
     mean: tuple[float, ...]  # per-channel mean / std of the stored train latents f (float16 as stored)
@@ -64,11 +66,14 @@ class TokenFacts:
         facts = cls(
             hr_size=int(d["hr_size"]), scale=int(d["scale"]), num_classes=int(d["num_classes"]),
             patch_nums=tuple(int(p) for p in d["patch_nums"]), vocab_size=int(d["vocab_size"]),
-            Cvae=int(d["Cvae"]), vqvae_sha256=str(d["vqvae_sha256"]), samples=int(d["samples"]),
+            Cvae=int(d["Cvae"]), target=str(d["target"]), lr_channels=int(d["lr_channels"]),
+            vqvae_sha256=str(d["vqvae_sha256"]), samples=int(d["samples"]),
             mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
         )  # fmt: skip
         if len(facts.mean) != facts.Cvae or len(facts.std) != facts.Cvae or min(facts.std) <= 0:
             raise TokenFactsError(f"{source}: mean/std must hold {facts.Cvae} values, std > 0")
+        if facts.target not in ("hr", "residual") or facts.lr_channels < 1:
+            raise TokenFactsError(f"{source}: target must be hr or residual and lr_channels >= 1")
         if facts.hr_size % facts.scale:
             raise TokenFactsError(f"{source}: hr_size {facts.hr_size} is not a multiple of {facts.scale}")
         return facts

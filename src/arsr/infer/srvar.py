@@ -1,40 +1,52 @@
-"""SRVAR at inference: LR tiles -> scale-by-scale token sampling -> VQVAE decoder."""
+"""SRVAR at inference: LR tiles -> the tokenizer's LR condition -> scale-by-scale token decoding
+(sampled, greedy or soft) -> the tokenizer's decoder (on top of the base's prediction for a
+``residual`` tokenizer)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
-from annotated_types import Ge, Le
+from annotated_types import Ge, Gt, Le
 
 from arsr.data.loader import to_uint8
 from arsr.data.tokens import TokenFacts
-from arsr.infer.tokenizer import load_vqvae, lr_condition
+from arsr.infer.tokenizer import load_tokenizer, lr_condition
+from arsr.models.residual import SRTokenizer
 from arsr.models.srvar import SRVAR, SRVARConfig
-from arsr.models.vqvae import VQVAE
 
 
 @dataclass(frozen=True)
 class SRVARSampling:
-    """How SRVAR samples: params.yaml's ``eval.srvar``, ``arsr upscale --srvar-*``."""
+    """How SRVAR decodes: params.yaml's ``eval.srvar``, ``arsr upscale --srvar-*``."""
 
     __pydantic_config__ = {"extra": "forbid"}
 
     cfg: Annotated[float, Ge(0)] = 0.0  # CFG scale, ramped over scales; 0 = no guidance (1.5 scored lower)
-    top_k: Annotated[int, Ge(0)] = 0  # 0 = off (VAR's FID setting: 900)
-    top_p: Annotated[float, Ge(0), Le(1)] = 0.0  # 0 = off (VAR: 0.96)
+    top_k: Annotated[int, Ge(0)] = 0  # 0 = off (VAR's FID setting: 900); decode "sample" only
+    top_p: Annotated[float, Ge(0), Le(1)] = 0.0  # 0 = off (VAR: 0.96); decode "sample" only
+    # sample: draw from softmax(logits / temperature) (top-k/top-p); greedy: argmax; soft: the
+    # probability-weighted mean of the code embeddings (softmax at temperature) as the token
+    decode: Literal["sample", "greedy", "soft"] = "sample"
+    temperature: Annotated[float, Gt(0)] = 1.0  # of "sample" and "soft" (greedy ignores it)
 
 
 class SRVARUpscaler:
     """An :class:`~arsr.infer.tiling.Upscaler`: LR tiles [B,3,hr/s,hr/s] in [-1,1] -> SR [B,3,hr,hr].
 
-    The LR tile becomes ``lrf`` by :func:`~arsr.infer.tokenizer.lr_condition` (the values the token
-    shards hold), then scale-by-scale sampling and the VQVAE decoder (refiner residual included
-    when the model has one and ``refine``)."""
+    The LR tile becomes ``lrf`` [B,Clr,g,g] by :func:`~arsr.infer.tokenizer.lr_condition` (the values
+    the token shards hold), SRVAR decodes f_hat [B,Cv,g,g] scale by scale (refiner residual included
+    when the model has one and ``refine``), and the tokenizer turns f_hat and the LR tile into the
+    image (``SRTokenizer.fhat_to_img``: base(LR) + sigma * D(f_hat) for ``residual``, D(f_hat) for ``hr``).
+    """
 
-    def __init__(self, model: SRVAR, vae: VQVAE, facts: TokenFacts, sampling: SRVARSampling):
-        self.model, self.vae, self.sampling = model.eval(), vae, sampling
+    def __init__(self, model: SRVAR, tok: SRTokenizer, facts: TokenFacts, sampling: SRVARSampling):
+        if model.lr_channels != tok.lr_channels:
+            raise ValueError(
+                f"SRVAR takes {model.lr_channels} LR channels, the tokenizer gives {tok.lr_channels}"
+            )
+        self.model, self.tok, self.sampling = model.eval(), tok, sampling
         self.hr_size, self.scale = facts.hr_size, facts.scale
         self.device = next(model.parameters()).device
         self.refine = True  # with a refiner: add its sampled residual (False: tokens only)
@@ -44,27 +56,38 @@ class SRVARUpscaler:
         lr_size = self.hr_size // self.scale
         if lr_B3hw.shape[1:] != (3, lr_size, lr_size):
             raise ValueError(f"LR tiles must be [B,3,{lr_size},{lr_size}], got {tuple(lr_B3hw.shape)}")
-        lrf = lr_condition(self.vae, [to_uint8(lr) for lr in lr_B3hw], self.hr_size).float()
+        lrf = lr_condition(self.tok, [to_uint8(lr) for lr in lr_B3hw], self.hr_size).float()
         s = self.sampling
-        img = self.model.autoregressive_infer_cfg(
-            lrf, self.vae, s.cfg, s.top_k, s.top_p, seed=seed, refine=self.refine
-        )
-        return img.mul(2).sub(1)
+        generator = torch.Generator(lrf.device).manual_seed(seed)
+        f_hat, _ = self.model.sample_fhat(
+            lrf, self.tok.vae, s.cfg, s.top_k, s.top_p, generator, refine=self.refine, decode=s.decode,
+            temperature=s.temperature,
+        )  # fmt: skip
+        return self.tok.fhat_to_img(f_hat, lr_B3hw.to(self.device).float())
+
+
+def build_srvar(config: SRVARConfig, facts: TokenFacts, refiner_scale: float = 1.0) -> SRVAR:
+    """SRVAR for these tokens: the tokenizer's pyramid, vocabulary and latent width, and the LR
+    condition's width ``facts.lr_channels``."""
+    return SRVAR(
+        config, facts.patch_nums, facts.vocab_size, facts.Cvae, lr_channels=facts.lr_channels,
+        refiner_scale=refiner_scale,
+    )  # fmt: skip
 
 
 def load_srvar(
     model_file: dict[str, Any], device: torch.device | str = "cpu"
-) -> tuple[SRVAR, VQVAE, TokenFacts]:
-    """SRVAR (EMA weights, eval mode), its VQVAE and token facts, from a ``train_srvar`` model.pt dict."""
+) -> tuple[SRVAR, SRTokenizer, TokenFacts]:
+    """SRVAR (EMA weights, eval mode), its tokenizer and token facts, from a ``train_srvar`` model.pt dict."""
     extra = model_file["extra"]
     facts = TokenFacts.from_dict(extra["token_facts"], "model.pt token_facts")
-    model = SRVAR(SRVARConfig(**model_file["config"]), facts.patch_nums, facts.vocab_size, facts.Cvae)
+    model = build_srvar(SRVARConfig(**model_file["config"]), facts)
     model.load_state_dict(model_file["state_dict"])
-    return model.to(device).eval().requires_grad_(False), load_vqvae(extra["vqvae"], device), facts
+    return model.to(device).eval().requires_grad_(False), load_tokenizer(extra["vqvae"], device), facts
 
 
 def make_upscaler(
     model_file: dict[str, Any], sampling: SRVARSampling, device: torch.device | str = "cpu"
 ) -> SRVARUpscaler:
-    model, vae, facts = load_srvar(model_file, device)
-    return SRVARUpscaler(model, vae, facts, sampling)
+    model, tok, facts = load_srvar(model_file, device)
+    return SRVARUpscaler(model, tok, facts, sampling)

@@ -291,6 +291,50 @@ class MultiScaleQuantizer(nn.Module):
         self.ema_vocab_hit_SV[:, dead_n] = 2 * limit / self.SN
         return dead_n
 
+    @torch.no_grad()
+    def kmeans_init(self, f_BChw: torch.Tensor, generator: torch.Generator, iters: int = 10) -> float:
+        """Initialise the codebook from data: Lloyd iterations on the residual vectors that the
+        scales of ``f_BChw`` quantize (re-computed with the current codes at every iteration, so the
+        codes fit the multi-scale residual loop, not just the last scale). Code 0 is pinned to the
+        zero vector: a scale with nothing left to add can add nothing. Starts from random pooled
+        latent vectors (drawn with ``generator``); an empty cluster takes a random residual vector.
+        Resets the usage EMA. Returns the final mean squared quantization error per vector.
+
+        A random codebook sits far from a small-spread latent (a residual tokenizer's), and the
+        nearest-code search then uses a handful of codes for hundreds of steps; from data every code
+        starts in use.
+        """
+        with autocast_off(f_BChw.device):
+            f = f_BChw.float()
+            C = f.shape[1]
+            pooled = torch.cat([
+                F.interpolate(f, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
+                for pn in self.patch_nums
+            ])  # fmt: skip
+            gdev = generator.device
+            e = self.embedding.weight
+            pick = torch.randperm(pooled.shape[0], generator=generator, device=gdev)[: self.vocab_size]
+            e[: len(pick)] = pooled[pick.to(pooled.device)].to(e.dtype)
+            e[0] = 0
+            mse = float("nan")
+            for _ in range(iters):
+                z = torch.cat([z for _, z, _, _ in self._residual_scales(f)])
+                e_VC = e.detach().float()
+                d_NV = z.square().sum(1, keepdim=True) + e_VC.square().sum(1) - 2 * z @ e_VC.T
+                mind, assign = d_NV.min(dim=1)
+                mse = float(mind.mean())
+                count = assign.bincount(minlength=self.vocab_size).float()
+                sums = torch.zeros_like(e_VC).index_add_(0, assign, z)
+                live = count > 0
+                e[live] = (sums[live] / count[live, None]).to(e.dtype)
+                dead = (~live).nonzero().squeeze(1)
+                if len(dead):
+                    refill = torch.randperm(z.shape[0], generator=generator, device=gdev)[: len(dead)]
+                    e[dead] = z[refill.to(z.device)].to(e.dtype)
+                e[0] = 0
+            self.ema_vocab_hit_SV.zero_()
+        return mse
+
     # ---- encoding (no grad) ------------------------------------------------------------
     @torch.no_grad()
     def f_to_idxBl(self, f_BChw: torch.Tensor) -> list[torch.Tensor]:

@@ -45,6 +45,10 @@ class VQVAEConfig:
     quant_resi: float = 0.5  # phi(h) = (1 - r) h + r conv(h)
     share_quant_resi: Annotated[int, Ge(0)] = 4  # phi convs shared across scales
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)  # token-map sides, coarse to fine
+    # A linear path beside the deep encoder/decoder: each downsample x downsample patch <-> one latent
+    # vector by a 1x1 map (PCA-initialised from data by train_vqvae). Not in VAR (False for its
+    # weights); what lets a tokenizer of small, noise-like residual images learn (see train_vqvae).
+    linear_path: bool = True
 
     def __post_init__(self) -> None:
         v = self.patch_nums
@@ -59,7 +63,9 @@ class VQVAEConfig:
 
 
 # VAR's vae_ch160v4096z32.pth (16x downsample, 256 px -> 16x16, L = 680 tokens).
-VAR_VQVAE = VQVAEConfig(vocab_size=4096, ch=160, ch_mult=(1, 1, 2, 2, 4), patch_nums=VAR_PATCH_NUMS)
+VAR_VQVAE = VQVAEConfig(
+    vocab_size=4096, ch=160, ch_mult=(1, 1, 2, 2, 4), patch_nums=VAR_PATCH_NUMS, linear_path=False
+)
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -230,6 +236,10 @@ class VQVAE(nn.Module):
         )
         self.quant_conv = nn.Conv2d(z, z, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(z, z, 3, padding=1)
+        if c.linear_path:
+            P = self.downsample
+            self.enc_lin = nn.Conv2d(3 * P * P, z, 1, bias=False)  # [B, 3P^2, h, w] -> [B, z, h, w]
+            self.dec_lin = nn.Conv2d(z, 3 * P * P, 1, bias=False)
 
     # ---- sizes ----------------------------------------------------------------------
     @property
@@ -261,9 +271,41 @@ class VQVAE(nn.Module):
 
         The encoder/decoder follow the caller's autocast; the quantizer is always fp32. The
         reconstruction's gradient reaches the encoder through the straight-through estimator."""
+        f_hat, vq_loss, usage_S = self.quantize(self._encode(x_B3HW))
+        return self.decode(f_hat), vq_loss, usage_S
+
+    def _encode(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         f_BChw = self.quant_conv(self.encoder(x_B3HW))
-        f_hat, vq_loss, usage_S = self.quantize(f_BChw)
-        return self.decoder(self.post_quant_conv(f_hat)), vq_loss, usage_S
+        if self.config.linear_path:
+            f_BChw = f_BChw + self.enc_lin(F.pixel_unshuffle(x_B3HW, self.downsample))
+        return f_BChw
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """f_hat [B, Cvae, h, w] -> image [B, 3, H, W], unclamped (follows the caller's autocast)."""
+        out = self.decoder(self.post_quant_conv(f_hat))
+        if self.config.linear_path:
+            out = out + F.pixel_shuffle(self.dec_lin(f_hat), self.downsample)
+        return out
+
+    @torch.no_grad()
+    def init_linear_path(self, x_B3HW: torch.Tensor) -> None:
+        """PCA-initialise the linear path on sample images and zero the deep paths' last layers, so
+        training starts from the best linear patch code (an optimal linear autoencoder of
+        downsample x downsample patches, Cvae components) and the deep layers learn the rest.
+        ``x_B3HW``: a few hundred training inputs (for a residual tokenizer: normalised residuals)."""
+        if not self.config.linear_path:
+            raise ValueError("init_linear_path: the config has linear_path false")
+        P, z = self.downsample, self.Cvae
+        patches_NK = F.pixel_unshuffle(x_B3HW.float(), P).permute(0, 2, 3, 1).reshape(-1, 3 * P * P)
+        if z > 3 * P * P:
+            raise ValueError(f"linear_path: a {P}x{P} patch has {3 * P * P} values < z_channels {z}")
+        _, _, V_KK = torch.linalg.svd(patches_NK, full_matrices=False)  # rows: principal directions
+        W_zK = V_KK[:z]
+        self.enc_lin.weight.copy_(W_zK[:, :, None, None])
+        self.dec_lin.weight.copy_(W_zK.T[:, :, None, None])
+        for conv in (self.quant_conv, self.decoder.conv_out):
+            conv.weight.zero_()
+            conv.bias.zero_()
 
     @torch.no_grad()
     def restart_dead_codes(
@@ -277,7 +319,7 @@ class VQVAE(nn.Module):
     def img_to_f(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Pre-quantization latent ``f = quant_conv(encoder(x))`` [B, Cvae, h, w] fp32."""
         with autocast_off(x_B3HW.device):
-            return self.quant_conv(self.encoder(x_B3HW.float()))
+            return self._encode(x_B3HW.float())
 
     @torch.no_grad()
     def img_to_idxBl(self, x_B3HW: torch.Tensor) -> list[torch.Tensor]:
@@ -307,7 +349,7 @@ class VQVAE(nn.Module):
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat [B, Cvae, h, w] -> image [B, 3, H, W] clamped to [-1, 1]."""
         with autocast_off(f_hat.device):
-            return self.decoder(self.post_quant_conv(f_hat.float())).clamp(-1, 1)
+            return self.decode(f_hat.float()).clamp(-1, 1)
 
     def idxBl_to_img(self, ms_idx_Bl: Sequence[torch.Tensor]) -> torch.Tensor:
         """SN token maps [B, pn*pn] -> image [B, 3, H, W] in [-1, 1]."""
@@ -341,6 +383,8 @@ def load_official(path: str | Path, config: VQVAEConfig = VAR_VQVAE, freeze: boo
         raise ValueError(
             f"{path} is not a VQVAE state dict (got {type(state).__name__}, not a dict of tensors)"
         )
+    if config.linear_path:
+        raise ValueError("linear_path: VAR's weights have no linear path (set linear_path: false)")
     vae = VQVAE(config)
     own = vae.state_dict()
     missing = [k for k in own if k not in state]

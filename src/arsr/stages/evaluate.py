@@ -39,7 +39,7 @@ from arsr.eval.metrics import score_bicubic
 from arsr.eval.registry import METRICS, Metric, runnable, select
 from arsr.infer.registry import FAMILIES, add_sampling_args, load_upscaler, method_title, sampling_overrides
 from arsr.infer.tiling import upscale_images
-from arsr.infer.tokenizer import VQVAEReconstructor, load_vqvae_file
+from arsr.infer.tokenizer import VQVAEReconstructor, load_tokenizer_file
 from arsr.io import atomic_write_bytes, write_json
 from arsr.stages.common import (
     EVAL_DIR,
@@ -207,7 +207,7 @@ def load_upscalers(methods: list[str], model_dir: Path, cfg: EvalConfig) -> dict
     ups, device = {}, default_device()
     for m in methods:
         if m == "vqvae_rec":
-            ups[m] = VQVAEReconstructor(load_vqvae_file(model_dir / "vqvae" / "model.pt", device)[1])
+            ups[m] = VQVAEReconstructor(load_tokenizer_file(model_dir / "vqvae" / "model.pt", device)[1])
         elif m in FAMILIES:
             ups[m] = load_upscaler(model_dir / m / "model.pt", cfg, device)
     return ups

@@ -8,10 +8,12 @@ Reads ``tokenize`` from params.yaml, the image shards and the VQVAE's EMA weight
 keys, in the same order:
 
 - ``{key}.idx.npy``  int16 [L]          multi-scale token indices (scales concatenated);
-- ``{key}.f.npy``    float16 [Cv, h, w] pre-quantization latent of the HR crop;
-- ``{key}.lrf.npy``  float16 [Cv, h, w] the LR crop's condition latent
-  (:func:`arsr.infer.tokenizer.lr_condition`: MATLAB bicubic to the HR size in uint8, encoder),
-  the very function every upscaler calls at inference;
+- ``{key}.f.npy``    float16 [Cv, h, w] pre-quantization latent of the HR crop (of its normalised
+  residual over the base for ``vqvae.target: residual``);
+- ``{key}.lrf.npy``  float16 [C_lr, h, w] the LR crop's condition
+  (:func:`arsr.infer.tokenizer.lr_condition`: for the residual tokenizer the base's trunk features
+  pooled to the token grid; for the hr one the encoder of the MATLAB-bicubic LR), the very function
+  every upscaler calls at inference;
 - ``{key}.cls``      the class index, copied.
 
 and ``latent_stats.json``, the :class:`~arsr.data.tokens.TokenFacts` every later stage reads:
@@ -46,9 +48,9 @@ from arsr.config import Params
 from arsr.data.loader import count_samples, load_shard_stats, to_unit_range
 from arsr.data.shards import SPLITS, decode_png, iter_tar_samples, shard_urls
 from arsr.data.tokens import TokenFacts
-from arsr.infer.tokenizer import load_vqvae_file, lr_condition
+from arsr.infer.tokenizer import load_tokenizer_file, lr_condition
 from arsr.io import file_sha256, write_json
-from arsr.models.vqvae import VQVAE
+from arsr.models.residual import SRTokenizer
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, default_device, stage_main
 
 PARAMS = ("tokenize",)
@@ -64,15 +66,17 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 @torch.no_grad()
-def encode_batch(vae: VQVAE, samples: list[dict]) -> tuple[list[dict], np.ndarray]:
+def encode_batch(tok: SRTokenizer, samples: list[dict]) -> tuple[list[dict], np.ndarray]:
     """Raw image-shard samples -> (token-shard samples (bytes per member suffix), f as stored
     float16 [B, Cv, h, w])."""
     hr = np.stack([decode_png(s["hr.png"]) for s in samples])
-    device = next(vae.parameters()).device
-    f_BChw = vae.img_to_f(torch.stack([to_unit_range(a) for a in hr]).to(device))
-    idx_BL = torch.cat(vae.f_to_idxBl(f_BChw), dim=1).to(torch.int16).cpu().numpy()
+    lr = [decode_png(s["lr.png"]) for s in samples]
+    device = next(tok.parameters()).device
+    lr_B3hw = torch.stack([to_unit_range(a) for a in lr]).to(device) if tok.target == "residual" else None
+    f_BChw = tok.img_to_f(torch.stack([to_unit_range(a) for a in hr]).to(device), lr_B3hw)
+    idx_BL = torch.cat(tok.vae.f_to_idxBl(f_BChw), dim=1).to(torch.int16).cpu().numpy()
     f16 = f_BChw.to(torch.float16).cpu().numpy()
-    lrf16 = lr_condition(vae, [decode_png(s["lr.png"]) for s in samples], hr.shape[1]).cpu().numpy()
+    lrf16 = lr_condition(tok, lr, hr.shape[1]).cpu().numpy()
     out = [
         {
             "__key__": s["__key__"],
@@ -94,8 +98,8 @@ _worker: dict[str, Any] = {}
 
 def _init_worker(model_path: str, batch_size: int, counter: Any) -> None:
     torch.set_num_threads(1)  # one thread per process: bytes independent of the worker count
-    _, vae = load_vqvae_file(model_path, default_device())  # GPU bytes differ from CPU's in the last bits
-    _worker.update(vae=vae, batch_size=batch_size, counter=counter)
+    _, tok = load_tokenizer_file(model_path, default_device())  # GPU bytes differ from CPU's in the last bits
+    _worker.update(tok=tok, batch_size=batch_size, counter=counter)
 
 
 def _tick(n: int) -> None:
@@ -121,14 +125,15 @@ def encode_shard(task: tuple[str, str]) -> dict[str, Any]:
 
     Returns the sample count and float64 per-channel sums of ``f`` and ``f^2`` (as stored)."""
     src, dst = task
-    vae, batch_size = _worker["vae"], _worker["batch_size"]
+    tok, batch_size = _worker["tok"], _worker["batch_size"]
+    vae = tok.vae
     tmp = dst + ".tmp"
     n, s1, s2 = 0, np.zeros(vae.Cvae), np.zeros(vae.Cvae)
     try:
         with open(tmp, "wb") as fh:
             writer = wds.TarWriter(fh, user="arsr", group="arsr", mode=0o444, mtime=0.0, encoder=False)
             for batch in _batches(iter_tar_samples([src]), batch_size):
-                encoded, f16_BChw = encode_batch(vae, batch)
+                encoded, f16_BChw = encode_batch(tok, batch)
                 for sample in encoded:
                     writer.write(sample)
                 f = f16_BChw.astype(np.float64)
@@ -176,7 +181,9 @@ def _run_tasks(tasks: list[tuple[str, str]], model: Path, batch_size: int, worke
     return results
 
 
-def token_facts(results: list[dict], vae_config: dict, model_sha: str, shard_stats: dict) -> TokenFacts:
+def token_facts(
+    results: list[dict], vae_config: dict, model_sha: str, shard_stats: dict, target: str, lr_channels: int
+) -> TokenFacts:
     """Per-channel mean/std of the stored train latents, plus the tokenizer's and the data's facts."""
     n = sum(r["positions"] for r in results)
     mean = sum(r["sum"] for r in results) / n
@@ -184,7 +191,8 @@ def token_facts(results: list[dict], vae_config: dict, model_sha: str, shard_sta
     return TokenFacts(
         hr_size=int(shard_stats["hr_size"]), scale=int(shard_stats["scale"]),
         num_classes=int(shard_stats.get("num_classes", 0)), patch_nums=tuple(vae_config["patch_nums"]),
-        vocab_size=int(vae_config["vocab_size"]), Cvae=int(vae_config["z_channels"]), vqvae_sha256=model_sha,
+        vocab_size=int(vae_config["vocab_size"]), Cvae=int(vae_config["z_channels"]), target=target,
+        lr_channels=lr_channels, vqvae_sha256=model_sha,
         samples=sum(r["samples"] for r in results), mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
     )  # fmt: skip
@@ -202,8 +210,8 @@ def run_tokenize(
     t0 = time.perf_counter()
     if not model.is_file():
         raise FileNotFoundError(f"{model} not found (run train_vqvae first)")
-    vae_config, _ = load_vqvae_file(model)
-    vae_config = vae_config["config"]
+    entry, tok = load_tokenizer_file(model)
+    vae_config = entry["config"]
     if vae_config["vocab_size"] > INT16_MAX_VOCAB:
         raise StageError(f"vocab_size {vae_config['vocab_size']} does not fit the int16 token files")
     urls = {split: shard_urls(shards, split) for split in SPLITS}
@@ -218,7 +226,9 @@ def run_tokenize(
         if stale.name not in keep:
             stale.unlink()
     train_results = [r for (src, _), r in zip(tasks, results) if src in urls["train"]]
-    facts = token_facts(train_results, vae_config, file_sha256(model), load_shard_stats(shards))
+    facts = token_facts(
+        train_results, vae_config, file_sha256(model), load_shard_stats(shards), tok.target, tok.lr_channels
+    )
     facts.write(out)
 
     elapsed = time.perf_counter() - t0

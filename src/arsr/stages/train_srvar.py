@@ -4,9 +4,10 @@
     python -m arsr.stages.train_srvar [--params params.yaml] [--tokens data/tokens]
                                       [--vqvae runs/vqvae/model.pt] [--shards data/shards] [--out runs/srvar]
 
-Reads ``seed`` and ``srvar`` from params.yaml, the token shards (``idx`` [L], ``f`` and ``lrf``
-[Cv,h,w]) and the frozen VQVAE (fp32; its ops run with autocast off). Per batch: the teacher-forcing
-input is built from the ground-truth tokens, SRVAR predicts all L tokens from it and the LR latent
+Reads ``seed`` and ``srvar`` from params.yaml, the token shards (``idx`` [L], ``f`` [Cv,h,w] and
+``lrf`` [lr_channels,h,w]) and the frozen tokenizer (:class:`~arsr.models.residual.SRTokenizer`;
+fp32, its ops run with autocast off). Per batch: the teacher-forcing input is built from the
+ground-truth tokens by the tokenizer's VQVAE, SRVAR predicts all L tokens from it and the LR condition
 ``lrf`` (replaced by the learned null LR with p = ``srvar.model.cond_drop``), and the loss is CE over
 all tokens (label smoothing ``srvar.label_smoothing``) [+ ``srvar.diff_weight`` x the refiner's
 diffusion loss when ``srvar.model.refiner``; its target scale is measured on the training tokens].
@@ -18,7 +19,8 @@ LR | SRVAR | HR of the first val crops of the image shards, sampled by ``arsr up
 (:class:`arsr.infer.srvar.SRVARUpscaler`, eval's default sampling), with ``val/sample_psnr``.
 
 ``model.pt`` is self-contained (DESIGN §4): SRVAR's config (:class:`~arsr.models.srvar.SRVARConfig`)
-and EMA weights, and in ``extra`` the VQVAE (config + weights) and the token facts
+and EMA weights, and in ``extra`` the tokenizer (:func:`arsr.infer.tokenizer.tokenizer_entry`: the
+VQVAE, and a residual tokenizer's base and sigma) and the token facts
 (:class:`~arsr.data.tokens.TokenFacts`, read from ``latent_stats.json`` and checked against
 ``--vqvae``). ``arsr upscale`` and ``evaluate`` load it through ``arsr.infer``.
 """
@@ -39,8 +41,8 @@ from arsr.data.loader import decode_tokens, eval_loader
 from arsr.data.shards import shard_urls
 from arsr.data.tokens import TokenFacts
 from arsr.infer.preview import first_val_pairs, preview
-from arsr.infer.srvar import SRVARSampling, SRVARUpscaler
-from arsr.infer.tokenizer import load_vqvae, read_token_facts
+from arsr.infer.srvar import SRVARSampling, SRVARUpscaler, build_srvar
+from arsr.infer.tokenizer import load_tokenizer, read_token_facts, tokenizer_entry
 from arsr.models.srvar import SRVAR, init_from, last_scale_residual, srvar_loss
 from arsr.models.vqvae import VQVAE
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, fingerprint, rank_train_iters, stage_main
@@ -118,7 +120,8 @@ def make_val_fn(vae: VQVAE) -> Any:
 # Training
 # --------------------------------------------------------------------------------------
 def build_model(cfg: SRVARSection, facts: TokenFacts, refiner_scale: float) -> SRVAR:
-    model = SRVAR(cfg.model, facts.patch_nums, facts.vocab_size, facts.Cvae, refiner_scale)
+    """SRVAR for these tokens (LR condition of ``facts.lr_channels``), optionally from VAR weights."""
+    model = build_srvar(cfg.model, facts, refiner_scale)
     if cfg.init_from:
         report = init_from(model, cfg.init_from)
         print0(f"train_srvar: init_from {cfg.init_from}: {report.summary()}")
@@ -135,7 +138,8 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
     fp = fingerprint("train_srvar", params, PARAMS, inputs)  # also fails early on a missing input
     dist = init_distributed()
     facts, vae_file = read_token_facts(tokens, vqvae_path)
-    vae = load_vqvae(vae_file, dist.device)
+    tok = load_tokenizer(vae_file, dist.device)
+    vae = tok.vae  # teacher forcing and the refiner's targets work on the tokens, in the VQVAE's latent
     train_urls, val_urls = shard_urls(tokens, "train"), shard_urls(tokens, "val")
 
     refiner_scale = measure_refiner_scale(vae, train_urls) if cfg.model.refiner else 1.0
@@ -149,13 +153,13 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
     def on_val(step: int, ema_model: nn.Module, run: WandbRun) -> dict[str, float] | None:
         if not run.enabled:  # sampling costs time: only when someone will look at it
             return None
-        upscaler = SRVARUpscaler(unwrap(ema_model), vae, facts, SRVARSampling())
+        upscaler = SRVARUpscaler(unwrap(ema_model), tok, facts, SRVARSampling())
         grid, sample_psnr = preview(upscaler, pairs, seed=params.seed)
         run.log_images("val/samples", [grid], captions=["LR | SRVAR | HR"], step=step)
         return {"val/sample_psnr": sample_psnr}
 
     extra = {
-        "vqvae": {"config": vae_file["config"], "state_dict": vae_file["state_dict"]},
+        "vqvae": tokenizer_entry(vae_file),
         "token_facts": facts.to_dict(),
         "init_from": cfg.init_from,
     }

@@ -1,10 +1,12 @@
 """`arsr upscale`: super-resolve image files with a trained SR model (any family of the registry).
 
     arsr upscale --model runs/srvar/model.pt --input FILE_OR_DIR --output DIR [--srvar-cfg 1.5 ...]
+                 [--srvar-decode sample|greedy|soft --srvar-temperature 0.8 ...]
 
 Images of any size are cut into overlapping tiles of the model's grid, super-resolved and
-blended (``arsr.infer.tiling``). ``model.pt`` is self-contained (model, VQVAE weights, token
-facts), so the right tokenizer always comes with it. Sampling settings are params.yaml's
+blended (``arsr.infer.tiling``). ``model.pt`` is self-contained (model, tokenizer: the VQVAE and,
+for a residual tokenizer, its base and sigma; token facts), so the right tokenizer always comes
+with it. Sampling settings are params.yaml's
 ``eval.<family>`` (the schema's defaults outside a project), overridden by ``--<family>-<field>``.
 """
 
