@@ -89,3 +89,21 @@ def test_standalone_evaluate_reproduces_set5_bicubic(set5: Path, tmp_path: Path,
         assert abs(mean["psnr"] - want_psnr) <= 0.01, (scale, mean)
         assert abs(mean["ssim"] - want_ssim) <= 0.0005, (scale, mean)
         assert set(result["per_image"]["bicubic"]) == {"baby", "bird", "butterfly", "head", "woman"}
+
+
+class _TintingUpscaler(BicubicUpscaler):
+    """Bicubic with a red tint: a model whose channels drift apart."""
+
+    def __call__(self, lr_B3hw, seed):  # type: ignore[override]
+        out = super().__call__(lr_B3hw, seed).clone()
+        out[:, 0] += 0.1
+        return out
+
+
+def test_a_greyscale_image_comes_out_greyscale_and_colour_stays_colour() -> None:
+    up = _TintingUpscaler(hr_size=64, scale=4)
+    grey = np.repeat(photo(20, 30, 7)[..., :1], 3, axis=2)
+    sr = upscale_image(grey, up, overlap_hr=16)
+    assert np.array_equal(sr[..., 0], sr[..., 1]) and np.array_equal(sr[..., 0], sr[..., 2])
+    colour = upscale_image(photo(20, 30, 7), up, overlap_hr=16).astype(int)
+    assert (colour[..., 0] - colour[..., 1]).mean() > 5  # the tint passes through on colour input

@@ -87,6 +87,10 @@ def upscale_images(
     The tiles of all images go through the model together, ``batch_size`` at a time (a small
     model samples 16 tiles in about the time of one), batch i with seed ``seed + i``: the same
     images, settings and seed give the same outputs. ``desc`` shows a tqdm bar over the batches.
+
+    A greyscale image (three equal channels) comes out greyscale: the model's three output channels
+    are averaged. Models see colour photos in training and nothing ties their channels together,
+    so a grey input would otherwise come out faintly coloured.
     """
     s, t_hr = upscaler.scale, upscaler.hr_size
     t_lr, ov_lr = t_hr // s, max(0, overlap_hr // s)
@@ -110,10 +114,20 @@ def upscale_images(
             hr_np = (hr_3HW.permute(1, 2, 0).numpy() + 1.0) * 127.5
             canvas[i][y * s : (y + t_lr) * s, x * s : (x + t_lr) * s] += hr_np * win2d
             weight[i][y * s : (y + t_lr) * s, x * s : (x + t_lr) * s] += win2d
-    return [
-        np.clip(np.floor(c / w + 0.5), 0, 255).astype(np.uint8)[: lr.shape[0] * s, : lr.shape[1] * s]
-        for c, w, lr in zip(canvas, weight, lrs)
-    ]
+    outs = []
+    for c, w, lr in zip(canvas, weight, lrs):
+        hr = c / w
+        if is_grey(lr):
+            hr = np.repeat(hr.mean(axis=2, keepdims=True), 3, axis=2)
+        outs.append(
+            np.clip(np.floor(hr + 0.5), 0, 255).astype(np.uint8)[: lr.shape[0] * s, : lr.shape[1] * s]
+        )
+    return outs
+
+
+def is_grey(img: np.ndarray) -> bool:
+    """Whether a uint8 [h, w, 3] image has three equal channels."""
+    return bool(np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]))
 
 
 def upscale_image(
