@@ -24,7 +24,7 @@ class SRVARSampling:
     __pydantic_config__ = {"extra": "forbid"}
 
     cfg: Annotated[float, Ge(0)] = 0.0  # CFG scale, ramped over scales; 0 = no guidance (1.5 scored lower)
-    top_k: Annotated[int, Ge(0)] = 100  # 0 = off (VAR's FID setting: 900); decode "sample" only
+    top_k: Annotated[int, Ge(0)] = 50  # 0 = off (VAR's FID setting: 900); decode "sample" only
     top_p: Annotated[float, Ge(0), Le(1)] = 0.0  # 0 = off (VAR: 0.96); decode "sample" only
     # sample: draw from softmax(logits / temperature) (top-k/top-p); greedy: argmax; soft: the
     # probability-weighted mean of the code embeddings (softmax at temperature) as the token
