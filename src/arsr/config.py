@@ -367,3 +367,55 @@ __all__ = [
     "stage_param_values",
     "tool_eval_config",
 ]
+
+
+# --------------------------------------------------------------------------------------
+# Named configurations: override files applied as DVC experiments
+# --------------------------------------------------------------------------------------
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, path + ".")
+        else:
+            out[path] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def override_args(path: str | Path, params_path: str | Path = PARAMS_FILE) -> list[str]:
+    """An override file (a nested subset of params.yaml, e.g. configs/bsd400.yaml) as the
+    ``-S key=value`` arguments of ``dvc exp run``, after checking that params.yaml with the
+    overrides applied is valid (an error names the file and key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such override file")
+    over = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    current = yaml.safe_load(Path(params_path).read_text()) or {}
+    parse_params(_deep_merge(current, over), f"{params_path} + {path}")
+    args = []
+    for key, value in _flatten(over).items():
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        args += ["-S", f"{key}={text}"]
+    return args
+
+
+if __name__ == "__main__":  # python -m arsr.config --overrides FILE: print dvc's -S arguments
+    import shlex
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--overrides":
+        sys.exit("usage: python -m arsr.config --overrides configs/NAME.yaml")
+    try:
+        print(shlex.join(override_args(sys.argv[2])))
+    except ConfigError as err:
+        sys.exit(f"arsr config: error: {err}")

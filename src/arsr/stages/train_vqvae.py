@@ -3,9 +3,21 @@
     python -m arsr.stages.launch train_vqvae      # torchrun when vqvae.train.nproc > 1
     python -m arsr.stages.train_vqvae [--params params.yaml] [--shards data/shards] [--out runs/vqvae]
 
-Reads ``seed`` and ``vqvae`` from params.yaml and the HR crops of ``data/shards`` (with
-``vqvae.augment``: random RGB order, flips and negatives, see :func:`augment`). Loss per
-batch: ``L1(rec, x) + L2(rec, x) + vq_loss`` (VAR's VQ loss, beta ``vqvae.beta``, with the
+Reads ``seed`` and ``vqvae`` from params.yaml and the crops of ``data/shards`` (with
+``vqvae.augment``: random RGB order, flips and negatives, see :func:`augment`).
+
+``vqvae.target: residual`` (the default) also reads the regression base (``--base``,
+runs/base/model.pt): the VQVAE's input is ``x = (HR - base(LR)) / sigma``, sigma the RMS of the
+residual over the first train crops, and its reconstruction is read as ``base(LR) + sigma x_rec``
+(``arsr.models.residual.SRTokenizer``). Before step 1 the linear path is PCA-initialised on the first
+crops' inputs (``vqvae.model.linear_path``) and the codebook is k-means on their latents
+(``vqvae.kmeans_init``): a random start of a small, noise-like residual's tokenizer learns nothing
+(reference/sr_quality.md). ``model.pt``'s ``extra`` holds the target, sigma and the base. ``hr``
+keeps VAR's tokenizer of the HR image (required for official weights).
+
+Loss per batch (x: the VQVAE's input): ``L1(rec, x) + L2(rec, x) + vq_loss`` for ``hr``,
+``L2(rec, x) + vq_loss`` for ``residual`` (the measured recipe: with MSE the loss on x is the loss on
+the final image up to a constant); vq_loss is VAR's (beta ``vqvae.beta``, with the
 straight-through estimator; see ``arsr.models.quant``), plus
 ``vqvae.perceptual_weight x LPIPS(rec, x)`` when that is > 0 (AlexNet LPIPS of
 ``arsr.eval.perceptual``, frozen, outside the model). With ``vqvae.restart_dead_codes`` every
