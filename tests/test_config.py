@@ -55,3 +55,23 @@ def test_a_partial_train_section_keeps_the_stage_recipe() -> None:
     p = parse_params({"mar": {"train": {"max_steps": 30}}, "vqvae": {"train": {"nproc": 1}}})
     assert p.mar.train.max_steps == 30 and p.mar.train.grad_clip == 3.0  # MAR's recipe
     assert p.vqvae.train.max_steps == 200 and p.vqvae.train.nproc == 1  # the tokenizer's
+
+
+def test_named_configurations_become_dvc_experiment_overrides(tmp_path: Path) -> None:
+    """configs/*.yaml are nested subsets of params.yaml; `python -m arsr.config --overrides FILE`
+    checks the merged params and prints dvc exp run's -S arguments."""
+    from arsr.config import override_args
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        args = override_args(path, root / "params.yaml")
+        assert args[::2] == ["-S"] * (len(args) // 2) and all("=" in a for a in args[1::2])
+    args = override_args(root / "configs" / "bsd400.yaml", root / "params.yaml")
+    assert "data.source=../shared/data/bsd400" in args and "srvar.train.max_steps=1200" in args
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("srvar:\n  train:\n    max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="max_stepz"):
+        override_args(bad, root / "params.yaml")
+    lists = tmp_path / "lists.yaml"
+    lists.write_text("vqvae:\n  model:\n    patch_nums: [1, 2, 4, 8]\n")
+    assert override_args(lists, root / "params.yaml") == ["-S", "vqvae.model.patch_nums=[1, 2, 4, 8]"]
