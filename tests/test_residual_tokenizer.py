@@ -167,3 +167,19 @@ def test_token_shards_hold_residual_tokens_and_base_features(proj: Path) -> None
     idx = torch.from_numpy(np.stack([np.load(io.BytesIO(s["idx.npy"])) for s in samples]))
     want = torch.cat(tok.img_to_idxBl(hr[:5], lr[:5]), 1)
     assert torch.equal(idx.long(), want)
+
+
+def test_token_dropout_decodes_random_codes_with_the_true_gradient() -> None:
+    vae = _tiny_vae()
+    x = torch.randn(4, 3, 32, 32)
+    vae.init_linear_path(x)
+    torch.manual_seed(1)
+    clean, _, _ = vae(x)
+    torch.manual_seed(1)
+    again, _, _ = vae(x, token_dropout=0.0)
+    assert torch.equal(clean, again)
+    torch.manual_seed(1)
+    noisy, vq, _ = vae(x, token_dropout=0.5)
+    assert not torch.allclose(noisy, clean)
+    noisy.square().mean().backward()
+    assert vae.enc_lin.weight.grad is not None and vae.enc_lin.weight.grad.abs().sum() > 0

@@ -146,6 +146,7 @@ class VQVAESection(Section):
     )
     model: VQVAEConfig = Field(default_factory=VQVAEConfig)
     kmeans_init: bool = Field(True, description="codebook from k-means on encoder outputs before step 1")
+    token_dropout: float = Field(0.0, ge=0, lt=1, description="fraction of tokens decoded as random codes")
     restart_dead_codes: bool = True
     restart_every: int = Field(25, ge=1, description="steps between dead-code restarts")
     augment: bool = Field(True, description="random RGB order, flips and negatives of the train crops")

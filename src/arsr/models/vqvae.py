@@ -266,12 +266,27 @@ class VQVAE(nn.Module):
         return self
 
     # ---- training ---------------------------------------------------------------------
-    def forward(self, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_B3HW: torch.Tensor, token_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass: ``(rec_B3HW unclamped, vq_loss scalar, usage_S [SN] in [0, 1])``.
 
         The encoder/decoder follow the caller's autocast; the quantizer is always fp32. The
-        reconstruction's gradient reaches the encoder through the straight-through estimator."""
-        f_hat, vq_loss, usage_S = self.quantize(self._encode(x_B3HW))
+        reconstruction's gradient reaches the encoder through the straight-through estimator.
+        ``token_dropout``: the fraction of tokens (every scale) the decoder sees replaced by random
+        codes (torch's global RNG), so that it learns to decode wrong tokens gracefully; the
+        gradient still flows as if the true tokens were decoded."""
+        f_BChw = self._encode(x_B3HW)
+        f_hat, vq_loss, usage_S = self.quantize(f_BChw)
+        if token_dropout > 0:
+            with torch.no_grad():
+                idx_Bl = self.quantize.f_to_idxBl(f_BChw.detach())
+                noisy = []
+                for idx in idx_Bl:
+                    swap = torch.rand(idx.shape, device=idx.device) < token_dropout
+                    noisy.append(torch.where(swap, torch.randint_like(idx, self.V), idx))
+                f_drop = self.quantize.idxBl_to_fhat(noisy)
+            f_hat = f_hat + (f_drop - f_hat).detach()
         return self.decode(f_hat), vq_loss, usage_S
 
     def _encode(self, x_B3HW: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,7 @@ def vqvae_loss(
     perceptual_weight: float = 0.0,
     to_image: Any = None,
     l1_weight: float = 1.0,
+    token_dropout: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """``l1_weight x L1 + L2 + vq_loss (+ perceptual_weight x LPIPS)`` on one micro-batch of VQVAE
     inputs ``batch["x"]`` (model may be DDP-wrapped; runs under autocast). ``lpips`` is a frozen
@@ -173,7 +174,7 @@ def vqvae_loss(
     through ``rec``. ``to_image`` maps inputs/reconstructions to images for LPIPS (the residual
     target: ``base(LR) + sigma x``); default: they are images."""
     x = batch["x"]
-    rec, vq_loss, usage_S = model(x)
+    rec, vq_loss, usage_S = model(x, token_dropout) if token_dropout > 0 else model(x)
     rec = rec.float()
     l1 = (rec - x).abs().mean()
     l2 = F.mse_loss(rec, x)
@@ -384,7 +385,9 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path:
                 prior = augment(prior)
         last_batch["x"] = x  # dead codes restart from the step's last micro-batch
         to_image = (lambda v: (prior + sigma * v).clamp(-1, 1)) if residual else None
-        return vqvae_loss(model, {"x": x}, lpips, cfg.perceptual_weight, to_image, 0.0 if residual else 1.0)
+        l1_weight = 0.0 if residual else 1.0
+        weight = cfg.perceptual_weight
+        return vqvae_loss(model, {"x": x}, lpips, weight, to_image, l1_weight, cfg.token_dropout)
 
     def on_step(step: int, model: torch.nn.Module) -> dict[str, float] | None:
         if not cfg.restart_dead_codes or step % cfg.restart_every:
