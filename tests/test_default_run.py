@@ -17,6 +17,8 @@ REC_MIN_PSNR, REC_MAX_LPIPS = 30.5, 0.12
 SR_MIN_PSNR, SR_MAX_LPIPS, SR_MAX_DISTS = 28.5, 0.20, 0.24
 RGB_MARGIN = 0.3  # SR models' RGB PSNR >= bicubic's minus this (colours right)
 
+pytestmark = pytest.mark.timeout(1800)  # the whole default DAG (6 min idle; a busy machine doubles it)
+
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
