@@ -72,6 +72,8 @@ def curve_panels(names: list[str]) -> list[tuple[str, str | None, str | None]]:
             return 0, base
         if re.search(r"_s\d+$", base) or base in ("tlr", "tnm"):
             return 4, base
+        if base.startswith("bicubic"):  # a constant reference (train_base's val bicubic_psnr)
+            return 3, base
         if f"val_{base}" in have:
             return 1 if "psnr" in base or "acc" in base else 2, base
         return 3 if "loss" not in base else 2, base
