@@ -51,7 +51,7 @@ def test_psnr_rgb_sees_colour_damage_that_y_psnr_hides() -> None:
     assert np.array_equal(np.floor(rgb_to_y(sr) + 0.5), np.floor(rgb_to_y(hr) + 0.5))
     y_psnr = METRICS["psnr"].fn([sr], [hr], 4, "cpu")[0]
     rgb_psnr = METRICS["psnr_rgb"].fn([sr], [hr], 4, "cpu")[0]
-    assert y_psnr == float("inf") and rgb_psnr < 30
+    assert y_psnr == 100.0 and rgb_psnr < 30  # exact Y: capped, never inf
     assert rgb_psnr == pytest.approx(psnr(sr, hr, 4))
     grey = hr[..., 0]  # a grey image scores as its three equal channels
     assert METRICS["psnr_rgb"].fn([grey], [grey + 1], 4, "cpu")[0] == pytest.approx(psnr(hr, hr + 1, 4))
