@@ -191,7 +191,7 @@ def test_perceptual_weight_trains_with_lpips_held_outside_the_model(proj: Path, 
     for weight in (0.0, 1.0):
         torch.manual_seed(0)
         vae = VQVAE(load_params(params).vqvae.model)
-        loss, logged = train_vqvae.vqvae_loss(vae, {"hr": x}, lpips_module(), weight)
+        loss, logged = train_vqvae.vqvae_loss(vae, {"x": x}, lpips_module(), weight)
         loss.backward()
         grads.append(vae.decoder.conv_out.weight.grad.clone())
         assert ("rec_lpips" in logged) == (weight > 0)

@@ -17,7 +17,8 @@ from arsr.models.vqvae import VAR_PATCH_NUMS, VAR_VQVAE, VQVAE, VQVAEConfig, loa
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "var_vqvae_ch160v4096z32_keys.tsv"
 
 # A tiny tokenizer: 2x downsample, 8x8 images -> 4x4 latent, 4 scales (L = 30).
-TINY = dict(vocab_size=32, z_channels=4, ch=8, ch_mult=(1, 2), patch_nums=(1, 2, 3, 4))
+# VAR's layout (no linear path): these tests are about VAR's VQVAE
+TINY = dict(vocab_size=32, z_channels=4, ch=8, ch_mult=(1, 2), patch_nums=(1, 2, 3, 4), linear_path=False)
 
 
 @pytest.fixture(autouse=True)
