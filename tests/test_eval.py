@@ -74,6 +74,8 @@ def test_standalone_evaluate_reproduces_set5_bicubic(set5: Path, tmp_path: Path,
                 "bicubic",
                 "--protocol",
                 protocol,
+                "--metrics",
+                "psnr,ssim",  # LPIPS/DISTS on Set5: tests/test_eval_registry.py
                 "--json",
                 str(out),
             ],
