@@ -319,3 +319,18 @@ def test_input_fingerprints_ignore_runner_bookkeeping(tmp_path: Path) -> None:
     assert hash_paths(tmp_path / "shards") == before
     (tmp_path / "shards" / "train-000001.tar").write_bytes(b"more")
     assert hash_paths(tmp_path / "shards") != before
+
+
+def test_a_dead_wandb_service_of_this_process_is_not_joined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wandb_in_process
+) -> None:
+    """An idle W&B service can exit while its WANDB_SERVICE stays in the environment (a test runner
+    waiting minutes on a subprocess): the next init starts a new service instead of failing."""
+    from arsr.train.logging import wandb_service_alive
+
+    monkeypatch.setenv("WANDB_SERVICE", f"3-{os.getpid()}-unix-{tmp_path / 'gone' / 'socket'}")
+    assert not wandb_service_alive()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = init_wandb("train_x", {"a": 1}, out_dir=tmp_path)
+    assert run.enabled and run.id
+    run.finish()

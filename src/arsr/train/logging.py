@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -135,8 +136,14 @@ class WandbRun:
 
 
 def wandb_service_alive() -> bool:
-    """Whether the service named by WANDB_SERVICE belongs to this process (wandb sets it at init)."""
-    return f"-{os.getpid()}-" in os.environ.get("WANDB_SERVICE", "")
+    """Whether the service named by WANDB_SERVICE belongs to this process (wandb sets it at init)
+    and, for a unix-socket service, its socket still exists (an idle service can exit, e.g. while a
+    test runner waits minutes on a subprocess, leaving the variable behind)."""
+    token = os.environ.get("WANDB_SERVICE", "")
+    if f"-{os.getpid()}-" not in token:
+        return False
+    unix = re.search(r"-\d+-unix-(.+)$", token)
+    return unix is None or Path(unix.group(1)).exists()
 
 
 def init_wandb(
