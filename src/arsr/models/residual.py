@@ -65,13 +65,16 @@ class SRTokenizer(nn.Module):
         with autocast_off(lr_B3hw.device):
             return self.base(lr_B3hw.float())
 
-    def to_x(self, hr_B3HW: torch.Tensor, lr_B3hw: torch.Tensor | None) -> torch.Tensor:
-        """The VQVAE's input: HR, or the normalised residual ``(HR - base(LR)) / sigma``."""
+    def to_x(
+        self, hr_B3HW: torch.Tensor, lr_B3hw: torch.Tensor | None, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The VQVAE's input: HR, or the normalised residual ``(HR - base(LR)) / sigma`` (``prior``:
+        base(LR) when the caller already has it)."""
         if self.base is None:
             return hr_B3HW
-        if lr_B3hw is None:
+        if prior is None and lr_B3hw is None:
             raise ValueError("the residual target needs the LR image")
-        return (hr_B3HW.float() - self.prior(lr_B3hw)) / self.sigma
+        return (hr_B3HW.float() - (self.prior(lr_B3hw) if prior is None else prior)) / self.sigma
 
     def from_x(self, x_B3HW: torch.Tensor, lr_B3hw: torch.Tensor | None) -> torch.Tensor:
         """Inverse of :meth:`to_x`, clamped to the image range."""

@@ -374,9 +374,11 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path:
     last_batch: dict[str, torch.Tensor] = {}
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        with torch.no_grad():
-            x = tok.to_x(batch["hr"], batch.get("lr"))
+        with torch.no_grad():  # one base forward per micro-batch; the prior is kept for LPIPS only
             prior = tok.prior(batch["lr"]) if residual else None
+            x = tok.to_x(batch["hr"], None, prior)
+            if cfg.perceptual_weight == 0:
+                prior = None
         if cfg.augment:  # the same flips / RGB order / negation of input and prior
             gen_state = torch.get_rng_state()
             x = augment(x)
@@ -384,7 +386,7 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path:
                 torch.set_rng_state(gen_state)
                 prior = augment(prior)
         last_batch["x"] = x  # dead codes restart from the step's last micro-batch
-        to_image = (lambda v: (prior + sigma * v).clamp(-1, 1)) if residual else None
+        to_image = (lambda v: (prior + sigma * v).clamp(-1, 1)) if prior is not None else None
         l1_weight = 0.0 if residual else 1.0
         weight = cfg.perceptual_weight
         return vqvae_loss(model, {"x": x}, lpips, weight, to_image, l1_weight, cfg.token_dropout)
