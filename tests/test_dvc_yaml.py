@@ -69,14 +69,17 @@ def import_closure(name: str) -> set[str]:
     return seen | {"arsr.config"}
 
 
-def expected(stage: str) -> tuple[list[str], list[str]]:
-    """(code deps as paths relative to the repo, params keys) of one dvc.yaml stage."""
+def expected(stage: str) -> tuple[list[str], list]:
+    """(code deps as paths relative to the repo, params entries) of one dvc.yaml stage: the keys of
+    its ``PARAMS`` sections, or the whole file (``[{"params.yaml": None}]``) for the check stage."""
     from arsr.config import stage_param_keys
 
     name = f"arsr.stages.{stage}"
     files = sorted(str(module_file(m).relative_to(ROOT)) for m in import_closure(name))
-    sections = importlib.import_module(name).PARAMS
-    return files, stage_param_keys(sections)
+    module = importlib.import_module(name)
+    if getattr(module, "WHOLE_PARAMS_FILE", False):
+        return files, [{"params.yaml": None}]
+    return files, stage_param_keys(module.PARAMS)
 
 
 def dvc_stages() -> dict:
@@ -99,8 +102,19 @@ def test_dvc_yaml_params_are_the_keys_each_stage_reads() -> None:
         assert sorted(spec.get("params", [])) == sorted(keys), f"dvc.yaml stage {stage}: params != {keys}"
 
 
+def test_every_stage_waits_for_the_params_check() -> None:
+    """The check stage (all of params.yaml) runs before any stage whose outputs DVC would delete."""
+    stages = dvc_stages()
+    assert stages["check"]["params"] == [{"params.yaml": None}]
+    (check_out,) = stages["check"]["outs"]
+    assert check_out == {"runs/check/params.ok": {"persist": True, "cache": False}}
+    for name, spec in stages.items():
+        if name != "check":
+            assert "runs/check/params.ok" in spec["deps"], f"dvc.yaml stage {name} does not wait for check"
+
+
 def test_a_logging_key_is_no_stage_param() -> None:
-    declared = {k for spec in dvc_stages().values() for k in spec.get("params", [])}
+    declared = {k for spec in dvc_stages().values() for k in spec.get("params", []) if isinstance(k, str)}
     assert "srvar.train.log_every" not in declared and "srvar.train.ckpt_every" not in declared
     assert "srvar.train.max_steps" in declared and "srvar.model" in declared
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -320,8 +321,26 @@ def parse_params(raw: dict[str, Any] | None, source: str = PARAMS_FILE) -> Param
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml."""
+def missing_keys(raw: dict[str, Any] | None, keys: Iterable[str]) -> list[str]:
+    """The dotted ``keys`` absent from the mapping ``raw`` (defaults do not count)."""
+    out = []
+    for key in keys:
+        node: Any = raw or {}
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                out.append(key)
+                break
+            node = node[part]
+    return out
+
+
+def load_params(path: str | Path = PARAMS_FILE, required: dict[str, str] | None = None) -> Params:
+    """Read and validate params.yaml.
+
+    ``required`` maps keys that must be *in the file* to who reads them (``{"srvar.model":
+    "dvc.yaml stage train_srvar"}``): DVC takes a stage's declared params from the file itself, not
+    through the schema's defaults, so the DAG's check (:mod:`arsr.stages.check`, the Snakefile) asks
+    for every declared key before any stage runs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such parameters file (run from the project root)")
@@ -331,7 +350,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    absent = missing_keys(raw, required or {})
+    if absent:
+        lines = [f"  {key}: missing ({required[key]} reads it)" for key in absent]  # type: ignore[index]
+        raise ConfigError("\n".join([f"invalid parameters in {path}:", *lines]))
+    return params
 
 
 def tool_eval_config(
@@ -363,6 +387,7 @@ __all__ = [
     "TrainConfig",
     "VQVAESection",
     "load_params",
+    "missing_keys",
     "parse_params",
     "stage_param_keys",
     "stage_param_values",

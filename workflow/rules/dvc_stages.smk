@@ -2,7 +2,7 @@
 # single definition (dvc.yaml). Pinned DVC: `Repo.index.stages` is not public API.
 #
 # - inputs: the stage's deps (upstream outputs make the edges);
-# - outputs: its outs, except `persist: true` ones (checkpoint folders must survive a
+# - outputs: its outs, except `persist: true` folders (checkpoint folders must survive a
 #   rerun; Snakemake deletes declared outputs before running a job);
 # - params: the resolved values (schema defaults included) of the stage's keys, so Snakemake's params
 #   trigger reruns a stage when (and only when) one of *its* keys changes;
@@ -22,10 +22,15 @@ def _lookup(tree, dotted):
 
 
 def _dvc_rules(root="."):
-    # Resolved through the schema: defaults count, and a bad params.yaml fails here, by key.
-    params = load_params(os.path.join(root, "params.yaml")).model_dump(mode="json")
     with Repo(root) as repo:
         stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
+        # The check stage's rules, before the DAG is built: the schema (defaults count), the
+        # cross-section rules, and every key a stage declares present in the file; a bad
+        # params.yaml fails here, by key, before Snakemake deletes or runs anything.
+        declared = {
+            k: f"dvc.yaml stage {s.name}" for s in stages for d in s.deps if hasattr(d, "params") for k in d.params
+        }
+        params = load_params(os.path.join(root, "params.yaml"), required=declared).model_dump(mode="json")
         for s in stages:
             deps, keys = [], []
             for d in s.deps:
@@ -35,8 +40,8 @@ def _dvc_rules(root="."):
                     deps.append(os.path.relpath(d.fs_path, root))
             outs = []
             for o in s.outs:
-                if o.persist:
-                    continue
+                if o.persist and os.path.isdir(o.fs_path) or o.persist and not os.path.splitext(o.fs_path)[1]:
+                    continue  # a checkpoint or plots folder (a persist *file*, the check's, stays an output)
                 path = os.path.relpath(o.fs_path, root)
                 outs.append((path, os.path.isdir(path) or not os.path.splitext(path)[1]))
             values = {k: _lookup(params, k) for k in sorted(keys)}
