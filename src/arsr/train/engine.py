@@ -67,7 +67,15 @@ from arsr.train.dist import (
     set_rng_state,
 )
 from arsr.train.ema import EMA
-from arsr.train.logging import MetricMeter, PlotWriter, Progress, WandbRun, init_wandb, merge_sums
+from arsr.train.logging import (
+    MetricMeter,
+    PlotWriter,
+    Progress,
+    WandbRun,
+    final_metrics,
+    init_wandb,
+    merge_sums,
+)
 from arsr.train.optim import NoDecayRule, build_optimizer, default_no_weight_decay, lr_factor, peak_lr, set_lr
 
 if TYPE_CHECKING:  # config imports models and infer; only the type is needed here
@@ -430,7 +438,7 @@ class Trainer:
             step=self.step,
             fingerprint=self.fingerprint,
         )
-        metrics = {"step": self.step, "train": self.train_metrics, "val": self.val_metrics}
+        metrics = final_metrics(self.step, self.train_metrics, self.val_metrics)
         atomic_write_text(self.out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         steps_run = self.step - start_step
         timing = {

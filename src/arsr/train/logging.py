@@ -240,8 +240,21 @@ def merge_sums(per_rank: list[dict[str, tuple[float, float]]]) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------------------
-# dvc plots
+# dvc metrics and plots
 # --------------------------------------------------------------------------------------
+_PER_SCALE = re.compile(r"_s\d+$")
+
+
+def final_metrics(step: int, train: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
+    """A training stage's ``metrics.json``, what ``dvc exp show`` / ``dvc metrics diff`` compare: the
+    final validation values and training loss. Per-scale breakdowns (``*_s<k>``), the lr and the
+    gradient norm stay in ``plots/`` and W&B, so experiments compare in a terminal's width."""
+    out: dict[str, Any] = {"step": step, "val": {k: v for k, v in val.items() if not _PER_SCALE.search(k)}}
+    if "loss" in train:
+        out["train"] = {"loss": train["loss"]}
+    return out
+
+
 def _plot_name(key: str) -> str:
     return key.replace("/", "_")
 
