@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ SHARED = ROOT.parent / "shared"
 SR_BENCH = SHARED / "data" / "sr_benchmarks"
 
 _skipped: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def wandb_settings_of_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """An empty W&B settings folder for every test and the stages they start: arsr leaves
+    WANDB_CONFIG_DIR to the user (a `wandb login --host` server), and a developer's settings must
+    not change what the tests see. One set in the environment (CI) is kept."""
+    if os.environ.get("WANDB_CONFIG_DIR"):
+        yield
+        return
+    os.environ["WANDB_CONFIG_DIR"] = str(tmp_path_factory.mktemp("wandb-config"))
+    yield
+    os.environ.pop("WANDB_CONFIG_DIR", None)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -33,3 +33,10 @@ def write_params_file(folder: Path, base: dict[str, Any], **over: Any) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def last_plotted(run_dir: Path, name: str) -> float:
+    """The last value of ``run_dir/plots/<name>.tsv`` (per-scale and lr/grad-norm values live in the
+    plots, metrics.json holds the final headline values only)."""
+    rows = (run_dir / "plots" / f"{name}.tsv").read_text().splitlines()
+    return float(rows[-1].split("\t")[1])

@@ -271,6 +271,50 @@ def test_param_change_moves_the_checkpoint_aside(tmp_path: Path, capsys: pytest.
     assert safe_load(out / "ckpt" / "last.pt")["fingerprint_id"] != old
 
 
+def test_a_reverted_param_restores_its_checkpoint_and_old_ones_are_pruned(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """ckpt/ is a cache keyed by fingerprint: run A, change a param (B), revert (A): A's finished
+    checkpoint comes back and only the outputs are rewritten, the same bytes. Stale folders beyond
+    the newest keep_stale (2) are removed."""
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "ckpt"
+    outputs = ("model.pt", "metrics.json", "plots/loss.tsv", "plots/val_mse.tsv")
+
+    def run(base_lr: float, on_step=None) -> str:
+        capsys.readouterr()
+        make_trainer(out, make_cfg(max_steps=4, base_lr=base_lr), on_step=on_step).fit()
+        return capsys.readouterr().out
+
+    def fp() -> str:
+        return safe_load(ckpt / "last.pt")["fingerprint_id"]
+
+    def stale() -> set[str]:
+        return {d.name for d in ckpt.glob("stale-*")}
+
+    run(0.05)
+    fp_a, first = fp(), {name: (out / name).read_bytes() for name in outputs}
+    run(0.01)
+    fp_b = fp()
+    assert stale() == {f"stale-{fp_a}"} and (ckpt / f"stale-{fp_a}" / "plots" / "loss.tsv").is_file()
+
+    steps: list[int] = []
+    text = run(0.05, on_step=lambda step, model: steps.append(step))
+    assert steps == [], "a finished checkpoint restores: no training step"
+    assert f"restored this fingerprint's checkpoint {ckpt / f'stale-{fp_a}' / 'last.pt'}" in text, text
+    assert "already trained 4 steps: rewriting the outputs only" in text
+    assert fp() == fp_a and stale() == {f"stale-{fp_b}"}
+    for name in outputs:  # the first run's model, metrics and plots (B's plots went aside with B)
+        assert (out / name).read_bytes() == first[name], name
+    assert json.loads((out / "timing.json").read_text())["steps_run"] == 0
+
+    text = run(0.02)  # C: A goes aside; stale B, A
+    fp_c = fp()
+    assert "starting fresh" in text and stale() == {f"stale-{fp_b}", f"stale-{fp_a}"}
+    text = run(0.03)  # D: C goes aside; B, the least recently set aside, is removed
+    assert stale() == {f"stale-{fp_a}", f"stale-{fp_c}"}
+    assert f"removed stale checkpoint(s) beyond the newest 2: stale-{fp_b}" in text, text
+
+
 # --------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------

@@ -158,3 +158,59 @@ def test_a_failing_stage_with_loader_workers_exits_instead_of_hanging(tmp_path: 
     proc = w.launch(cmd, timeout=45, env=w.launch_env())
     assert proc.returncode != 0 and "fails on purpose at step 3" in proc.stderr
     assert time.monotonic() - t0 < 40
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints by wall time (ckpt_minutes), decided by rank 0 for every rank
+# --------------------------------------------------------------------------------------
+CKPT_MINUTES_WORKER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import engine_worker as w
+import torch
+from arsr.config import TrainConfig
+from arsr.train.dist import cleanup, init_distributed
+from arsr.train.engine import Trainer
+
+d = init_distributed()
+cfg = TrainConfig(nproc=d.world_size, max_steps=12, batch_size=4, amp="none", warmup_steps=1, val_every=1000,
+                  ckpt_every=1000, log_every=1000, workers=0, ckpt_minutes=float(sys.argv[3]))
+
+
+class SkewedClocks(Trainer):
+    def _ckpt_due(self):  # rank 1's clock runs far ahead: a checkpoint is always due by it
+        return d.rank == 1 or super()._ckpt_due()
+
+
+torch.manual_seed(0)
+SkewedClocks(kind="tinynet", model=w.TinyNet(), model_config={"width": 32}, cfg=cfg, loss_fn=w.loss_fn,
+             make_train_iter=lambda k: w.synthetic_iter(5, d.rank, d.world_size, 1, 4 // d.world_size, k),
+             out_dir=sys.argv[2], fingerprint={"train": cfg.model_dump(mode="json")}, seed=3,
+             on_step=lambda step, model: time.sleep(0.1), dist_info=d).fit()
+cleanup()
+"""
+
+
+def saved_steps(stdout: str) -> list[int]:
+    return [int(ln.rsplit(" ", 1)[1]) for ln in stdout.splitlines() if ln.startswith("saved checkpoint")]
+
+
+def test_ckpt_minutes_checkpoints_before_ckpt_every_on_every_rank(tmp_path: Path) -> None:
+    """0.3 s between checkpoints, ~0.1 s per step, ckpt_every 1000: a checkpoint every few steps,
+    at the steps rank 0's clock says. The write is collective: had rank 1 gone by its own clock
+    (which here finds one due at every step) the ranks would have disagreed, and the run failed."""
+    script = tmp_path / "worker.py"
+    script.write_text(CKPT_MINUTES_WORKER)
+    tests = str(Path(__file__).parent)
+    # The ranks through arsr.proc: a run hung by a regression dies with its torchrun at the timeout.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                "arsr.proc"]  # fmt: skip
+    p = w.launch([*torchrun, str(script), tests, str(tmp_path / "timed"), "0.005"], env=w.launch_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = saved_steps(p.stdout)
+    assert steps[-1] == 12 and 3 <= len(steps) < 12 and steps == sorted(set(steps)), p.stdout
+    assert safe_load(tmp_path / "timed" / "ckpt" / "last.pt")["step"] == 12
+    # 0 turns it off: the last step's checkpoint only (one plain process: rank 0's clock).
+    p = w.launch([sys.executable, str(script), tests, str(tmp_path / "off"), "0"], env=w.launch_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert saved_steps(p.stdout) == [12]

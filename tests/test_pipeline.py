@@ -81,7 +81,8 @@ def test_dvc_dag_and_snakemake_dag_are_the_same_graph() -> None:
     smk_nodes, smk_edges = _dot_graph(smk_dot, r'(\d+)\[label = "([^"]+)"', r"(\d+) -> (\d+)")
     smk_nodes.discard("all")
     smk_edges = {e for e in smk_edges if "all" not in e}
-    assert dvc_nodes == smk_nodes and len(dvc_nodes) == 8
+    assert dvc_nodes == smk_nodes and len(dvc_nodes) == 9  # the 8 stages of the README + check
+    assert {("check", stage) for stage in dvc_nodes - {"check"}} <= dvc_edges  # every stage waits for it
     assert dvc_edges == smk_edges
 
 
@@ -108,6 +109,14 @@ def test_evaluate_and_report_show_every_metric_for_every_method(dvc_project: Pat
     for title in ("Bicubic", "Tokenizer reconstruction (ceiling)", "Regression base", "SRVAR", "MAR-SR"):
         assert f"| {title} " in report
     assert report.count("**") >= 2 * len(METRICS)  # one best per column
+    # Where the numbers come from: the machine, torch and commit of every stage (timing.json).
+    from arsr.provenance import describe, machine_info
+
+    here = describe(machine_info() | {"code_modified": None, "commit": None})
+    assert f"Measured on {here.split(', commit')[0]}" in report and "## Provenance" in report
+    for stage in ("shard", "train_base", "train_vqvae", "tokenize", "train_srvar", "train_mar", "evaluate"):
+        timing = json.loads((dvc_project / "runs" / stage.removeprefix("train_") / "timing.json").read_text())
+        assert timing["machine"]["torch"] == machine_info()["torch"] and f"| {stage} " in report, stage
     grids = sorted((dvc_project / "reports" / "samples").glob("*.png"))
     assert len(grids) == 2
     hr_side = 32  # TINY_PARAMS' hr_size; 6 columns (LR, bicubic, base, SRVAR, MAR-SR, HR), enlarged x6

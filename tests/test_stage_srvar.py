@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from stage_helpers import one_thread  # noqa: F401 (autouse)
+from stage_helpers import last_plotted, one_thread  # noqa: F401 (autouse)
 
 from arsr.cli import main as arsr_main
 from arsr.config import SRVARSection, TrainConfig, load_params
@@ -157,8 +157,8 @@ def test_stage_writes_a_self_contained_model_and_metrics(proj: Path):
     metrics = json.loads((proj / "runs/srvar/metrics.json").read_text())
     assert metrics["step"] == STEPS
     names = {"Lm", "Lt", "Accm", "Acct", "diff_loss"}
-    assert names | {"tnm", "tlr"} <= set(metrics["train"])
-    assert names | {f"Acc_s{si}" for si in range(len(PN))} <= set(metrics["val"])
+    assert set(metrics["train"]) == {"loss"} and set(metrics["val"]) == names  # the rest: plots
+    assert all(0 <= last_plotted(proj / "runs/srvar", f"val_Acc_s{si}") <= 100 for si in range(len(PN)))
     assert all(np.isfinite(v) for v in metrics["val"].values())
     assert 0 <= metrics["val"]["Acct"] <= 100 and metrics["val"]["Lm"] > 0
     plots = {p.stem for p in (proj / "runs/srvar/plots").glob("*.tsv")}

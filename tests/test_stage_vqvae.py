@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stage_helpers import one_thread, write_params_file  # noqa: F401 (one_thread: autouse)
+from stage_helpers import last_plotted, one_thread, write_params_file  # noqa: F401 (one_thread: autouse)
 
 from arsr.cli import main as arsr_main
 from arsr.config import load_params
@@ -104,14 +104,18 @@ def test_model_file_metrics_and_plots(proj: Path):
     assert d["step"] == STEPS and d["fingerprint"]["stage"] == "train_vqvae"
     metrics = json.loads((proj / "runs/vqvae/metrics.json").read_text())
     assert metrics["step"] == STEPS
-    per_scale = {f"code_usage_s{si}" for si in range(len(PN))}
-    assert {"rec_l1", "rec_psnr", "vq_loss", "code_usage"} | per_scale <= set(metrics["val"])
-    assert {"rec_l1", "rec_l2", "vq_loss", "code_usage", "tnm", "tlr"} | per_scale <= set(metrics["train"])
-    assert metrics["train"]["code_usage"] == pytest.approx(metrics["train"][f"code_usage_s{len(PN) - 1}"])
+    # metrics.json: the final headline values (what `dvc exp show` compares); per-scale, lr and
+    # grad-norm values are in the plots.
+    assert {"rec_l1", "rec_l2", "rec_psnr", "vq_loss", "code_usage"} <= set(metrics["val"])
+    assert not [k for k in metrics["val"] if "_s" in k]
+    assert set(metrics["train"]) == {"loss"}
     assert 5 < metrics["val"]["rec_psnr"] < 60
-    assert all(0 < metrics["val"][k] <= 1 for k in per_scale)
-    plots = {p.stem for p in (proj / "runs/vqvae/plots").glob("*.tsv")}
+    run = proj / "runs/vqvae"
+    assert all(0 < last_plotted(run, f"val_code_usage_s{si}") <= 1 for si in range(len(PN)))
+    assert last_plotted(run, "code_usage") == pytest.approx(last_plotted(run, f"code_usage_s{len(PN) - 1}"))
+    plots = {p.stem for p in (run / "plots").glob("*.tsv")}
     assert {"rec_l1", "vq_loss", "code_usage", "val_rec_psnr", "val_code_usage", "restarted_codes"} <= plots
+    assert {"tnm", "tlr"} <= plots
     assert (proj / "runs/vqvae/ckpt/last.pt").is_file()
 
 
@@ -127,8 +131,9 @@ def test_val_metrics_match_an_independent_recomputation(proj: Path):
     psnrs = [psnr(y_uint8(a), y_uint8(b)) for a, b in zip(u8(rec), u8(hr))]
     assert val["rec_psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)  # other batch sizes
     for si, idx_Bl in enumerate(idx):
-        assert val[f"code_usage_s{si}"] == pytest.approx(idx_Bl.unique().numel() / vae.V)
-    assert val["code_usage"] == val[f"code_usage_s{len(PN) - 1}"]
+        usage = last_plotted(proj / "runs/vqvae", f"val_code_usage_s{si}")
+        assert usage == pytest.approx(idx_Bl.unique().numel() / vae.V, abs=1e-6)
+    assert val["code_usage"] == pytest.approx(idx[-1].unique().numel() / vae.V)
 
 
 def test_dead_codes_were_restarted(proj: Path):
@@ -141,7 +146,7 @@ def test_wandb_gets_metrics_and_reconstruction_images(proj: Path):
     from wandb_read import history_keys, offline_runs, read_run, run_info
 
     runs = {run_info(read_run(r))["job_type"]: r for r in offline_runs(proj / "runs" / "wandb")}
-    assert sorted(runs) == ["shard", "train_vqvae"]
+    assert sorted(runs) == ["shard", "tokenize", "train_vqvae"]  # the fixture's tokenize logs too
     records = read_run(runs["train_vqvae"])
     keys = history_keys(records)
     assert {"rec_l1", "vq_loss", "code_usage", "code_usage_s0", "val/rec_psnr", "val/code_usage"} <= keys

@@ -11,8 +11,6 @@ names the key path and the reason, e.g.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -69,6 +67,12 @@ class TrainConfig(Section):
     ema: float = Field(0.99, ge=0, lt=1, description="EMA decay (warmed up over the first steps)")
     val_every: int = Field(150, ge=1)
     ckpt_every: int = Field(150, ge=1, json_schema_extra=RUNTIME)
+    ckpt_minutes: float = Field(
+        5.0, ge=0, description="also checkpoint this long after the last (0: off)", json_schema_extra=RUNTIME
+    )
+    keep_stale: int = Field(
+        2, ge=0, description="other fingerprints' checkpoints kept (newest)", json_schema_extra=RUNTIME
+    )
     log_every: int = Field(10, ge=1, json_schema_extra=RUNTIME)
     max_bad_steps: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
     deterministic: bool = False
@@ -359,19 +363,23 @@ def load_params(path: str | Path = PARAMS_FILE, required: dict[str, str] | None 
 
 
 def tool_eval_config(
-    params_path: str | Path, sampling: dict[str, dict[str, Any]], protocol: str | None = None
+    params_path: str | Path,
+    sampling: dict[str, dict[str, Any]],
+    protocol: str | None = None,
+    seed: int | None = None,
 ) -> EvalConfig:
     """The ``eval`` settings of the standalone tools (``arsr upscale``, ``arsr evaluate --hr-dir``):
-    ``params_path``'s eval section when it is a valid params file (else the defaults, which are
-    params.yaml's), with ``sampling`` ({family: {field: value}}) and ``protocol`` applied."""
-    cfg = EvalConfig()
-    if Path(params_path).is_file():
-        with contextlib.suppress(ConfigError):  # the tools work outside a project too
-            cfg = load_params(params_path).eval
-    update: dict[str, Any] = {n: dataclasses.replace(getattr(cfg, n), **o) for n, o in sampling.items()}
-    if protocol:
-        update["protocol"] = protocol
-    return cfg.model_copy(update=update)
+    ``params_path``'s eval section, or the schema's defaults (= params.yaml's) when there is no such
+    file (the tools work outside a project too), with ``sampling`` ({family: {field: value}}),
+    ``protocol`` and ``seed`` applied. A file that exists is read strictly: a bad key is a ConfigError
+    naming it (settings silently falling back to defaults would make outputs nobody asked for)."""
+    path = Path(params_path)
+    tree = (load_params(path).eval if path.is_file() else EvalConfig()).model_dump()
+    for family, over in sampling.items():
+        tree[family] = {**tree[family], **over}
+    tree |= {k: v for k, v in (("protocol", protocol), ("seed", seed)) if v is not None}
+    # Validated as the whole file is, so an override out of range names its key like a params error.
+    return parse_params({"eval": tree}, f"{path} with the command-line options").eval
 
 
 __all__ = [

@@ -21,9 +21,11 @@ Evaluation: ordered, no shuffling, each sample exactly once across ranks and wor
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import signal
 import tarfile
@@ -40,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from arsr.data.shards import decode_png
+from arsr.proc import die_with_parent
 
 Sample = dict[str, Any]
 Decode = Callable[[Sample], Sample]
@@ -176,13 +179,24 @@ def _exit_later(signum: int, frame: Any) -> None:
     timer.start()
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers outlive SIGTERM for a grace period and ignore SIGUSR1: torchrun and SLURM signal the
-    whole process group, and the trainer must get to write its checkpoint before the workers go
-    (it stops them itself). After the grace period a worker exits anyway: a parent that failed
-    joins its daemonic workers at exit after a SIGTERM, and would wait forever."""
+def _init_worker(parent_pid: int | None, _worker_id: int) -> None:
+    """Workers die with the process that iterates the loader (PyTorch's own check of the parent
+    runs only every few seconds, between batches), outlive SIGTERM for a grace period and ignore
+    SIGUSR1: torchrun and SLURM signal the whole process group, and the trainer must get to write
+    its checkpoint before the workers go (it stops them itself). After the grace period a worker
+    exits anyway: a parent that failed joins its daemonic workers at exit after a SIGTERM, and
+    would wait forever."""
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, _exit_later)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _worker_init_fn() -> functools.partial:
+    """The loaders' ``worker_init_fn``, holding the pid its workers will have as their parent: this
+    process, unless a forkserver (Python 3.14's default start method) forks them; that one exits
+    with this process and so takes the workers along, but its pid is not known here."""
+    forked_here = multiprocessing.get_start_method() != "forkserver"
+    return functools.partial(_init_worker, os.getpid() if forked_here else None)
 
 
 def stop_workers(it: Any) -> None:
@@ -225,7 +239,7 @@ def train_loader(
         num_workers=workers,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_worker_init_fn() if workers else None,
     )
     return loader if num_steps is None else itertools.islice(loader, num_steps)
 
@@ -252,7 +266,8 @@ def eval_loader(
 ) -> Iterable[Sample]:
     """Ordered batches; every sample exactly once over all ranks and workers."""
     stream = _EvalStream(sorted(urls), decode, batch_size, rank, world_size)
-    return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_ignore_stop_signals)
+    init = _worker_init_fn() if workers else None
+    return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=init)
 
 
 def load_shard_stats(shard_dir: str | Path) -> dict:

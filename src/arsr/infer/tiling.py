@@ -18,10 +18,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from arsr.data.imresize import imresize
 from arsr.data.loader import to_uint8, to_unit_range
+from arsr.progress import progress
 
 
 class Upscaler(Protocol):
@@ -86,7 +86,8 @@ def upscale_images(
 
     The tiles of all images go through the model together, ``batch_size`` at a time (a small
     model samples 16 tiles in about the time of one), batch i with seed ``seed + i``: the same
-    images, settings and seed give the same outputs. ``desc`` shows a tqdm bar over the batches.
+    images, settings and seed give the same outputs. ``desc`` shows progress over the batches
+    (a bar on a terminal, plain lines in a log: :func:`arsr.progress.progress`).
 
     A greyscale image (three equal channels) comes out greyscale: the model's three output channels
     are averaged. Models see colour photos in training and nothing ties their channels together,
@@ -106,7 +107,7 @@ def upscale_images(
         weight.append(np.zeros((ph * s, pw * s, 1)))
         tiles += [(i, y, x) for y in tile_starts(ph, t_lr, ov_lr) for x in tile_starts(pw, t_lr, ov_lr)]
     batches = list(_batches(tiles, batch_size))
-    bar = tqdm(batches, desc=desc, unit="batch", disable=True if desc is None else None)  # None: TTY only
+    bar = progress(batches, desc=desc, unit="batch", disable=desc is None)
     for bi, batch in enumerate(bar):
         lr_B3hw = torch.stack([to_unit_range(padded[i][y : y + t_lr, x : x + t_lr]) for i, y, x in batch])
         out = upscaler(lr_B3hw.to(device), seed + bi).float().clamp(-1, 1).cpu()

@@ -8,11 +8,16 @@ keys: :func:`arsr.config.stage_param_keys`), defines ``run(args, params) -> None
 
 Errors a user can fix (a bad params key, a missing input, a checkpoint of another model)
 exit with status 2 and one line ``arsr <stage>: error: ...`` instead of a traceback.
+
+Command lines are parsed by argparse only (``--x=y`` and ``--x y`` alike, abbreviations too);
+nothing here looks for a literal token in argv. The standalone tools (``arsr upscale``,
+``arsr evaluate --hr-dir``) take their settings through :func:`tool_settings`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +26,7 @@ from typing import Any
 
 import torch
 
-from arsr.config import ConfigError, Params, load_params, stage_param_values
+from arsr.config import ConfigError, EvalConfig, Params, load_params, stage_param_values, tool_eval_config
 from arsr.data.loader import train_loader
 from arsr.data.tokens import TokenFactsError
 from arsr.eval.perceptual import WeightsCorrupt, WeightsMissing
@@ -34,6 +39,26 @@ TOKENS_DIR = Path("data/tokens")
 RUNS_DIR = Path("runs")
 EVAL_DIR = Path("eval")
 REPORTS_DIR = Path("reports")
+
+
+# W&B lineage: the DAG's data as reference artifacts (name, type, paths), logged by the stage that
+# writes them and used by every stage that reads them, under one name per output (README "W&B").
+def shards_artifact(shards: str | Path) -> tuple[str, str, list[Path]]:
+    return "shards", "dataset", [Path(shards)]
+
+
+def tokens_artifact(tokens: str | Path) -> tuple[str, str, list[Path]]:
+    return "tokens", "dataset", [Path(tokens)]
+
+
+def model_artifact(kind: str, model_pt: str | Path) -> tuple[str, str, list[Path]]:
+    """``<kind>-model``: base, vqvae, srvar, mar (a training stage's kind, an SR family's name)."""
+    return f"{kind}-model", "model", [Path(model_pt)]
+
+
+def eval_artifact(eval_dir: str | Path) -> tuple[str, str, list[Path]]:
+    d = Path(eval_dir)
+    return "eval", "evaluation", [d / "metrics.json", d / "per_image.csv", d / "samples"]
 
 
 def default_device() -> torch.device:
@@ -53,6 +78,36 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
+def stage_parser(
+    name: str, doc: str | None, add_args: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.ArgumentParser:
+    """``arsr <name>``'s parser: ``--params`` and the stage's own options."""
+    ap = argparse.ArgumentParser(prog=f"arsr {name}", description=(doc or "").strip().split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    if add_args is not None:
+        add_args(ap)
+    return ap
+
+
+def report_errors(name: str, fn: Callable[[], Any]) -> int:
+    """``fn()``'s exit status (None = 0); a user error is one line ``arsr <name>: error: ...``, status 2."""
+    try:
+        return int(fn() or 0)
+    except USER_ERRORS as err:
+        print(f"arsr {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_stage(name: str, run: Callable[[argparse.Namespace, Params], Any], args: argparse.Namespace) -> int:
+    """Load ``args.params``, run the stage (what ``run`` returns is not an exit status), report errors."""
+
+    def go() -> int:
+        run(args, load_params(args.params))
+        return 0
+
+    return report_errors(name, go)
+
+
 def stage_main(
     name: str,
     doc: str | None,
@@ -61,18 +116,58 @@ def stage_main(
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Parse ``--params`` (+ the stage's own options), load params, run, report user errors."""
-    ap = argparse.ArgumentParser(prog=f"arsr {name}", description=(doc or "").strip().split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    if add_args is not None:
-        add_args(ap)
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        run(args, params)
-    except USER_ERRORS as err:
-        print(f"arsr {name}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(name, run, stage_parser(name, doc, add_args).parse_args(argv))
+
+
+def params_option(argv: list[str]) -> str:
+    """The ``--params`` value of a stage's command line (``--params F``, ``--params=F``, an
+    abbreviation), parsed as the stage's own parser will; params.yaml when absent. For the launcher,
+    which must read ``<section>.train.nproc`` before the stage runs."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--params", default="params.yaml")
+    return ap.parse_known_args(argv)[0].params
+
+
+# --------------------------------------------------------------------------------------
+# The standalone tools' settings: one rule for `arsr upscale` and `arsr evaluate --hr-dir`
+# --------------------------------------------------------------------------------------
+def add_tool_args(ap: argparse.ArgumentParser) -> None:
+    """Options both tools take over params' eval section (the per-family sampling options come
+    from the SR family registry: the tool adds them)."""
+    ap.add_argument("--seed", type=int, help="sampling seed (default: params' eval.seed)")
+
+
+def settings_summary(cfg: EvalConfig) -> dict[str, Any]:
+    """The settings that decide a tool's SR outputs: seed, tiling, each family's sampling."""
+    out: dict[str, Any] = {"seed": cfg.seed, "tile_overlap": cfg.tile_overlap, "batch_size": cfg.batch_size}
+    for name in EvalConfig.model_fields:
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(value):  # a family's sampling settings (eval.srvar, eval.mar)
+            out[name] = dataclasses.asdict(value)
+    return out
+
+
+def tool_settings(tool: str, args: argparse.Namespace, sampling: dict[str, dict[str, Any]]) -> EvalConfig:
+    """The eval settings of a standalone tool: ``args.params``' eval section (the schema's defaults,
+    which are params.yaml's, when the file does not exist), then ``--protocol`` / ``--seed`` and the
+    ``sampling`` options ({family: {field: value}}). Echoed as one line on stderr, so a log shows
+    what the outputs were made with."""
+    protocol, seed = getattr(args, "protocol", None), getattr(args, "seed", None)
+    cfg = tool_eval_config(args.params, sampling, protocol, seed)
+    found = Path(args.params).is_file()
+    source = f"{args.params}'s eval section" if found else f"the defaults ({args.params} not found)"
+    flags = [f"--{fam}-{field.replace('_', '-')}" for fam, over in sampling.items() for field in over]
+    flags += [f"--{k}" for k in ("protocol", "seed") if getattr(args, k, None) is not None]
+    if flags:
+        source += f", overridden by {' '.join(flags)}"
+    parts = []
+    for key, value in settings_summary(cfg).items():
+        if isinstance(value, dict):
+            parts.append(f"{key}(" + ", ".join(f"{k}={v}" for k, v in value.items()) + ")")
+        else:
+            parts.append(f"{key}={value}")
+    print(f"{tool}: settings from {source}: {' '.join(parts)}", file=sys.stderr, flush=True)
+    return cfg
 
 
 def fingerprint(
@@ -97,4 +192,3 @@ def rank_train_iters(
             world_size=dist.world_size, workers=workers, start_step=k,
         )
     )  # fmt: skip
-

@@ -14,6 +14,12 @@ A metric whose weights are not installed is skipped with one line naming the pac
 Whole images of any size go through the tiling of ``arsr.infer.tiling``.
 DAG outputs: ``eval/metrics.json``, ``eval/per_image.csv``, ``eval/samples/*.png`` (labelled grids of
 images from different photos); W&B: the means, a per-image table with image columns, the grids.
+
+Standalone (``--hr-dir``, in any spelling argparse accepts) writes none of those: it prints the table
+and writes ``--json`` if asked. Its settings come by the rule ``arsr upscale`` follows too
+(``arsr.stages.common``'s ``tool_settings``): ``--params``' eval section, then ``--protocol``,
+``--seed``, ``--<family>-<field>``; the ``--json`` records them. Options of one mode are refused in
+the other (the DAG stage reads params.yaml only), so none is silently ignored.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from arsr.config import EvalConfig, Params, stage_param_values, tool_eval_config
+from arsr.config import EvalConfig, Params, stage_param_values
 from arsr.data.imresize import imresize, modcrop
 from arsr.data.loader import load_shard_stats
 from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
@@ -41,14 +47,22 @@ from arsr.infer.registry import FAMILIES, add_sampling_args, load_upscaler, meth
 from arsr.infer.tiling import upscale_images
 from arsr.infer.tokenizer import VQVAEReconstructor, load_tokenizer_file
 from arsr.io import atomic_write_bytes, write_json
+from arsr.provenance import machine_info
 from arsr.stages.common import (
     EVAL_DIR,
     RUNS_DIR,
     SHARDS_DIR,
-    USER_ERRORS,
     StageError,
+    add_tool_args,
     default_device,
-    stage_main,
+    eval_artifact,
+    model_artifact,
+    report_errors,
+    run_stage,
+    settings_summary,
+    shards_artifact,
+    stage_parser,
+    tool_settings,
 )
 
 PARAMS = ("eval",)
@@ -256,9 +270,11 @@ def run_dag(args: argparse.Namespace, params: Params) -> None:
     atomic_write_bytes(out / "per_image.csv", per_image.to_csv(index=False, float_format="%.5f").encode())
     write_json(out / "metrics.json", summary)
     write_json(
-        model_dir / "evaluate" / "timing.json", {"seconds": round(time.time() - t0, 2), "images": len(images)}
+        model_dir / "evaluate" / "timing.json",
+        {"seconds": round(time.time() - t0, 2), "images": len(images), "machine": machine_info()},
     )
-    _log_wandb(params, per_image, summary, metrics, grids, tables, scale, model_dir)
+    lineage = (Path(args.shards), out)
+    _log_wandb(params, per_image, summary, metrics, grids, tables, scale, model_dir, lineage)
     print_table(summary, metrics)
 
 
@@ -281,11 +297,17 @@ def wandb_rows(
 
 def _log_wandb(
     params: Params, per_image: pd.DataFrame, summary: dict, metrics: list[Metric], grids: list,
-    tables: list, scale: int, runs_dir: Path,
+    tables: list, scale: int, runs_dir: Path, lineage: tuple[Path, Path],
 ) -> None:  # fmt: skip
+    """``lineage``: (the image shards, the eval folder). The run uses the shards and every model
+    (runs_dir/<name>/model.pt) and logs the eval outputs."""
     from arsr.train.logging import init_wandb
 
     run = init_wandb("evaluate", stage_param_values(params, PARAMS), out_dir=runs_dir)
+    shards, out = lineage
+    run.use_artifact(*shards_artifact(shards))
+    for kind in ("vqvae", *FAMILIES):
+        run.use_artifact(*model_artifact(kind, runs_dir / kind / "model.pt"))
     flat = {
         f"{d}/{m}/{k.name}": v[k.name]
         for d, rows in summary.items()
@@ -303,6 +325,7 @@ def _log_wandb(
         run.log_table("per_image", columns, rows)
     if grids:
         run.log_images("samples", [g for _, g in grids], captions=[c for c, _ in grids])
+    run.log_artifact(*eval_artifact(out))
     run.finish()
 
 
@@ -311,7 +334,7 @@ def run_standalone(args: argparse.Namespace) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise StageError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    cfg = tool_eval_config(args.params, sampling_overrides(args), args.protocol)
+    cfg = tool_settings("evaluate", args, sampling_overrides(args))
     names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else cfg.metrics
     metrics, device = chosen_metrics(names), default_device()
     upscalers = load_upscalers(methods, Path(args.model_dir), cfg)
@@ -323,6 +346,7 @@ def run_standalone(args: argparse.Namespace) -> int:
         "scale": args.scale,
         "protocol": cfg.protocol,
         "metrics": [m.name for m in metrics],
+        "settings": settings_summary(cfg),  # what the SR rows were sampled with
         "mean": {
             m: {k: float(g[k].mean()) for k in (x.name for x in metrics)}
             for m, g in per_image.groupby("method")
@@ -338,36 +362,53 @@ def run_standalone(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each mode's options default to None so that main can tell a given one from an absent one.
+DAG_DEFAULTS = {"shards": str(SHARDS_DIR), "runs": str(RUNS_DIR), "out": str(EVAL_DIR)}
+TOOL_DEFAULTS = {"scale": 4, "methods": "bicubic", "model_dir": str(RUNS_DIR)}
+
+
 def _add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--shards", default=str(SHARDS_DIR))
-    ap.add_argument("--runs", default=str(RUNS_DIR), help="folder with vqvae/, srvar/, mar/ model.pt")
-    ap.add_argument("--out", default=str(EVAL_DIR))
-    ap.add_argument("--hr-dir", help="standalone: score this folder (HR/ and optional LR_bicubic/X{s}/)")
-    ap.add_argument("--scale", type=int, default=4)
-    ap.add_argument("--methods", default="bicubic")
-    ap.add_argument("--protocol", choices=["rgb-uint8", "y-float"], help="default: params' eval.protocol")
-    ap.add_argument("--model-dir", default=str(RUNS_DIR))
-    ap.add_argument("--json", help="standalone: also write the scores (means and per image) to this file")
-    ap.add_argument(
-        "--metrics",
-        help=f"standalone: comma-separated, from {','.join(METRICS)} (default: params' eval.metrics)",
+    dag = ap.add_argument_group("the DAG stage (without --hr-dir)")
+    dag.add_argument("--shards", help=f"default: {SHARDS_DIR}")
+    dag.add_argument("--runs", help=f"folder with vqvae/, srvar/, mar/ model.pt (default: {RUNS_DIR})")
+    dag.add_argument("--out", help=f"default: {EVAL_DIR}")
+    tool = ap.add_argument_group("standalone (--hr-dir); writes no DAG output")
+    tool.add_argument("--hr-dir", help="score this folder (HR/ and optional LR_bicubic/X{s}/)")
+    tool.add_argument("--scale", type=int, help="default: 4")
+    tool.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: bicubic)")
+    tool.add_argument("--protocol", choices=["rgb-uint8", "y-float"], help="default: params' eval.protocol")
+    tool.add_argument("--model-dir", help=f"folder with <method>/model.pt (default: {RUNS_DIR})")
+    tool.add_argument("--json", help="also write the scores (means and per image) and settings to this file")
+    tool.add_argument(
+        "--metrics", help=f"comma-separated, from {','.join(METRICS)} (default: params' eval.metrics)"
     )
+    add_tool_args(tool)
     add_sampling_args(ap)
 
 
+def _given(args: argparse.Namespace, dests: list[str]) -> list[str]:
+    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a == "--hr-dir" or a.startswith("--hr-dir=") for a in argv):  # standalone: no params.yaml needed
-        ap = argparse.ArgumentParser(prog="arsr evaluate")
-        _add_args(ap)
-        ap.add_argument("--params", default="params.yaml")
-        args = ap.parse_args(argv)
-        try:
-            return run_standalone(args)
-        except USER_ERRORS as err:
-            print(f"arsr evaluate: error: {err}", file=sys.stderr)
-            return 2
-    return stage_main("evaluate", __doc__, run_dag, argv, _add_args)
+    ap = stage_parser("evaluate", __doc__, _add_args)
+    args = ap.parse_args(argv)
+    if args.hr_dir is None:
+        sampling = [f"{f}_{k}" for f, o in sampling_overrides(args).items() for k in o]
+        extra = _given(args, [*TOOL_DEFAULTS, "protocol", "json", "metrics", "seed"]) + [
+            f"--{d.replace('_', '-')}" for d in sampling
+        ]
+        if extra:
+            ap.error(f"{', '.join(extra)}: only with --hr-dir (the DAG stage reads params.yaml's eval)")
+        for dest, default in DAG_DEFAULTS.items():
+            setattr(args, dest, getattr(args, dest) or default)
+        return run_stage("evaluate", run_dag, args)
+    dag_only = _given(args, list(DAG_DEFAULTS))
+    if dag_only:
+        ap.error(f"{', '.join(dag_only)}: not with --hr-dir (standalone mode writes no DAG output)")
+    for dest, default in TOOL_DEFAULTS.items():
+        setattr(args, dest, default if getattr(args, dest) is None else getattr(args, dest))
+    return report_errors("evaluate", lambda: run_standalone(args))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ Reads ``<section>.train.nproc`` from params.yaml and execs one of:
 Inside SLURM the torchrun agent ignores SIGUSR1: ``sbatch --signal=USR1@120`` reaches every
 process of the step, and only the training ranks should react (the engine checkpoints and
 exits non-zero); an agent killed by the signal would leave them orphaned.
+
+No process outlives its parent (``arsr.proc``): the launcher arms a death signal before it execs,
+so torchrun's agent (or the one training process) dies with whoever started the launcher, each
+torchrun rank starts as ``python -m arsr.proc -m arsr.stages.<stage>`` (which ties it to the agent,
+then execs the stage), and the ranks' loader workers die with their rank. A ``kill -9`` of the
+runner therefore leaves no rank training on to write outputs behind its back.
 """
 
 from __future__ import annotations
@@ -26,7 +32,13 @@ import signal
 import subprocess
 import sys
 
-from arsr.config import ConfigError, Params, load_params
+# Who started this process, read before the slow imports below: the launcher dies with it (see
+# main), and a parent that exits before that is set up shows as another parent pid by then.
+STARTED_BY = os.getppid()
+
+from arsr.config import ConfigError, Params, load_params  # noqa: E402
+from arsr.proc import PARENT_PID_ENV, die_with_parent  # noqa: E402
+from arsr.stages.common import params_option  # noqa: E402
 
 # A training stage is `train_<section>`, and that params section has a `train` subsection.
 SECTIONS = {
@@ -107,6 +119,10 @@ def _torchrun(job_id: str, nnodes: int, nodelist: str, nproc: int, module: list[
 
 def build_command(stage: str, nproc: int, env: dict[str, str], extra: list[str]) -> list[str]:
     module = ["-m", f"arsr.stages.{stage}", *extra]
+    # A torchrun rank starts as `python -m arsr.proc`, which ties it to the torchrun agent and then
+    # execs the stage: torchrun puts each rank in a session of its own, so a kill of the runner's
+    # process group would miss the ranks. (One plain process dies with this launcher: see main.)
+    rank = ["-m", "arsr.proc", *module]
     job_id = env.get("SLURM_JOB_ID")
     if job_id is None:
         if nproc == 1:
@@ -117,7 +133,7 @@ def build_command(stage: str, nproc: int, env: dict[str, str], extra: list[str])
             "torch.distributed.run",
             "--standalone",
             f"--nproc-per-node={nproc}",
-            *module,
+            *rank,
         ]
     job_nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     job_nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
@@ -131,9 +147,9 @@ def build_command(stage: str, nproc: int, env: dict[str, str], extra: list[str])
                 f"{nnodes} (for a multi-node rule give it the `mpi: srun` and `tasks` resources)",
                 file=sys.stderr,
             )
-        return _torchrun(job_id, nnodes, env.get("SLURM_STEP_NODELIST") or job_nodelist, nproc, module)
+        return _torchrun(job_id, nnodes, env.get("SLURM_STEP_NODELIST") or job_nodelist, nproc, rank)
     if job_nodes == 1:
-        return _torchrun(job_id, 1, job_nodelist, nproc, module)
+        return _torchrun(job_id, 1, job_nodelist, nproc, rank)
     # Batch script on several nodes: a step with this launcher once per node (see above).
     cpus = [f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}"] if env.get("SLURM_CPUS_PER_TASK") else []
     return [
@@ -148,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m arsr.stages.launch {{{','.join(SECTIONS)}}} [options]", file=sys.stderr)
         return 2
     stage, extra = argv[0], argv[1:]
-    params_file = extra[extra.index("--params") + 1] if "--params" in extra else "params.yaml"
+    params_file = params_option(extra)  # --params F, --params=F: as the stage's parser reads it
     try:
         nproc = getattr(load_params(params_file), SECTIONS[stage]).train.nproc
     except ConfigError as err:
@@ -171,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         if "SLURM_JOB_ID" in env:
             # Inherited across exec by torchrun and its workers; the engine installs its own handler.
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # This process becomes torchrun's agent, srun or the one training process (exec keeps the pid
+    # and the death signal): it dies with whoever started it (dvc, Snakemake's shell, slurmstepd),
+    # and torchrun's ranks check they are children of this pid (arsr.proc). ARSR_DIE_WITH_PARENT=0
+    # keeps a launcher started by hand running after its shell exits (`nohup ... &`, then logout).
+    if os.environ.get("ARSR_DIE_WITH_PARENT", "1") != "0":
+        die_with_parent(STARTED_BY)
+    if "torch.distributed.run" in cmd:
+        os.environ[PARENT_PID_ENV] = str(os.getpid())
     print("launch:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached

@@ -4,7 +4,8 @@
 
 ``reports/report.md`` holds the evaluation table (pandas -> Markdown), each training
 stage's final metrics, ``reports/curves.png`` (matplotlib, from ``runs/*/plots/*.tsv``)
-and the sample grids (copied into ``reports/samples/`` so the folder stands alone).
+and the sample grids (copied into ``reports/samples/`` so the folder stands alone); to W&B, the
+evaluation table (a wandb.Table) and the curves.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from arsr.config import Params  # noqa: E402
+from arsr.config import Params, stage_param_values  # noqa: E402
 from arsr.eval.registry import METRICS  # noqa: E402
 from arsr.infer.registry import CEILING_METHODS, method_order, method_title  # noqa: E402
 from arsr.io import atomic_write_text  # noqa: E402
-from arsr.stages.common import EVAL_DIR, REPORTS_DIR, RUNS_DIR, stage_main  # noqa: E402
+from arsr.provenance import describe  # noqa: E402
+from arsr.stages.common import EVAL_DIR, REPORTS_DIR, RUNS_DIR, eval_artifact, stage_main  # noqa: E402
+from arsr.train.logging import init_wandb  # noqa: E402
 
 TRAIN_STAGES = ("base", "vqvae", "srvar", "mar")
 MAX_PANELS = 6
@@ -117,6 +120,30 @@ def plot_curves(runs: Path, out_png: Path) -> list[str]:
 
 
 PARAMS: tuple[str, ...] = ()  # reads no params
+# Every stage's timing.json, in DAG order (`runs/<folder>`), for the provenance table.
+TIMED_STAGES = (
+    ("shard", "shard"), ("train_base", "base"), ("train_vqvae", "vqvae"), ("tokenize", "tokenize"),
+    ("train_srvar", "srvar"), ("train_mar", "mar"), ("evaluate", "evaluate"),
+)  # fmt: skip
+
+
+def provenance(runs: Path) -> tuple[str, str]:
+    """(one line naming where the evaluation ran, a Markdown table: stage | measured on | seconds)
+    from the ``machine`` each stage wrote into its timing.json; stages trained elsewhere (another
+    CPU's bf16 kernels give other numbers) show up as a different row."""
+    rows, eval_machine = [], ""
+    for stage, folder in TIMED_STAGES:
+        path = runs / folder / "timing.json"
+        if not path.is_file():
+            continue
+        timing = json.loads(path.read_text())
+        machine = describe(timing["machine"]) if "machine" in timing else "(not recorded)"
+        seconds = timing.get("wall_s", timing.get("seconds"))
+        rows.append({"stage": stage, "measured on": machine, "seconds": seconds})
+        if stage == "evaluate":
+            eval_machine = machine
+    table = pd.DataFrame(rows).to_markdown(index=False) if rows else ""
+    return eval_machine, table
 
 
 def run(args: argparse.Namespace, params: Params) -> None:
@@ -135,6 +162,9 @@ def run(args: argparse.Namespace, params: Params) -> None:
         metrics_table(metrics),
         "",
     ]
+    eval_machine, machines = provenance(runs)
+    if eval_machine:
+        lines[2:2] = [f"Measured on {eval_machine}; every stage's machine is under Provenance below.", ""]
     lines += ["## Training", ""]
     for stage in TRAIN_STAGES:
         path = runs / stage / "metrics.json"
@@ -146,6 +176,8 @@ def run(args: argparse.Namespace, params: Params) -> None:
     drawn = plot_curves(runs, out / "curves.png")
     if drawn:
         lines += ["## Training curves", "", "![training curves](curves.png)", ""]
+    if machines:
+        lines += ["## Provenance", "", "Where each stage ran (runs/<stage>/timing.json).", "", machines, ""]
     samples = sorted((eval_dir / "samples").glob("*.png"))
     if samples:
         dest = out / "samples"
@@ -157,7 +189,25 @@ def run(args: argparse.Namespace, params: Params) -> None:
             shutil.copyfile(s, dest / s.name)
             lines += [f"![{s.stem}](samples/{s.name})", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
+    _log_wandb(params, metrics, out / "curves.png" if drawn else None, eval_dir, runs)
     print(f"report: {out / 'report.md'}")
+
+
+def _log_wandb(params: Params, metrics: dict, curves: Path | None, eval_dir: Path, runs: Path) -> None:
+    """The stage's W&B run: the evaluation as a table (numbers, not Markdown: sortable in the
+    dashboard) and the training curves; it uses the eval artifact."""
+    run = init_wandb("report", stage_param_values(params, PARAMS), out_dir=runs)
+    names = [k for k in METRICS if all(k in v for rows in metrics.values() for v in rows.values())]
+    rows = [
+        [dataset, method_title(method), *(v[k] for k in names), v["n"]]
+        for dataset, by_method in metrics.items()
+        for method, v in sorted(by_method.items(), key=lambda kv: method_order(kv[0]))
+    ]
+    run.log_table("metrics", ["dataset", "method", *names, "n"], rows)
+    if curves is not None:
+        run.log_images("curves", [str(curves)])
+    run.use_artifact(*eval_artifact(eval_dir))
+    run.finish()
 
 
 def _add_args(ap: argparse.ArgumentParser) -> None:

@@ -16,18 +16,19 @@ import json
 import math
 import sys
 import time
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from arsr.config import DataConfig, load_params, stage_param_values
 from arsr.data.shards import SPLITS, ShardSetWriter, crop_grid, decode_png, make_sample, shard_name
 from arsr.data.sources import ImageError, SourceImage, list_sources, load_rgb
 from arsr.io import atomic_write_bytes, write_json
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, stage_main
+from arsr.proc import spawn_pool
+from arsr.progress import progress
+from arsr.provenance import machine_info
+from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, shards_artifact, stage_main
 
 PARAMS = ("seed", "data")
 EXIF_ORIENTATION = 0x0112
@@ -135,10 +136,11 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
     tasks = [(src, split) for split in SPLITS for src in splits[split]]
     committed = False
     try:
-        with get_context("spawn").Pool(min(cfg.workers, len(tasks))) as pool:
+        # Workers that die with this process: a killed stage leaves none waiting forever for work.
+        with spawn_pool(min(cfg.workers, len(tasks))) as pool:
             results = pool.imap(_process, [(src, cfg, seed) for src, _ in tasks], chunksize=1)
-            for (src, split), (samples, notes, reason) in tqdm(
-                zip(tasks, results), total=len(tasks), desc="shard", unit="img", disable=None
+            for (src, split), (samples, notes, reason) in progress(
+                zip(tasks, results), total=len(tasks), desc="shard", unit="img"
             ):
                 if reason is not None:
                     skipped.append({"source": src.ref, "reason": reason})
@@ -238,9 +240,10 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
             "images": n_img,
             "images_per_s": round(n_img / elapsed, 3),
             "samples": len(manifest) - len(skipped),
+            "machine": machine_info(),
         },
     )
-    _log_wandb(params, stats, examples, runs_dir)
+    _log_wandb(params, stats, examples, runs_dir, out)
     print(
         f"shard: {stats['splits']['train']['samples']} train / {stats['splits']['val']['samples']} val "
         f"samples from {n_img} images, {len(skipped)} skipped -> {out}"
@@ -248,7 +251,7 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
     return stats
 
 
-def _log_wandb(params, stats: dict, examples: list[dict], runs_dir: str) -> None:
+def _log_wandb(params, stats: dict, examples: list[dict], runs_dir: str, out: Path) -> None:
     from arsr.train.logging import init_wandb
 
     run = init_wandb("shard", stage_param_values(params, PARAMS), out_dir=runs_dir)
@@ -260,6 +263,7 @@ def _log_wandb(params, stats: dict, examples: list[dict], runs_dir: str) -> None
         run.log_images(
             "examples", [_example_grid(examples, params.data.scale)], captions=["LR (x nearest) | HR"]
         )
+    run.log_artifact(*shards_artifact(out))
     run.finish()
 
 

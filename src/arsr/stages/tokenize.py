@@ -24,8 +24,9 @@ data's (hr_size, scale, num_classes).
 ``tokenize.workers`` processes each take whole shards; each encodes in batches of
 ``tokenize.batch_size`` with one torch thread, so the bytes of every tar (mtime 0, fixed owner,
 renamed into place when complete) and of latent_stats.json do not depend on the worker count.
-Throughput goes to ``runs/tokenize/timing.json``. ``tokenize.workers`` is a RUNTIME key (it reruns
-nothing).
+Throughput goes to ``runs/tokenize/timing.json`` and, with the sample count and the code usage of the
+tokens' last scale, to W&B (which records shards + VQVAE -> tokens). ``tokenize.workers`` is a RUNTIME
+key (it reruns nothing).
 """
 
 from __future__ import annotations
@@ -42,16 +43,29 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from tqdm import tqdm
 
-from arsr.config import Params
+from arsr.config import Params, stage_param_values
 from arsr.data.loader import count_samples, load_shard_stats, to_unit_range
 from arsr.data.shards import SPLITS, decode_png, iter_tar_samples, shard_urls
 from arsr.data.tokens import TokenFacts
 from arsr.infer.tokenizer import load_tokenizer_file, lr_condition
 from arsr.io import file_sha256, write_json
 from arsr.models.residual import SRTokenizer
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, StageError, default_device, stage_main
+from arsr.proc import spawn_pool
+from arsr.progress import progress
+from arsr.provenance import machine_info
+from arsr.stages.common import (
+    RUNS_DIR,
+    SHARDS_DIR,
+    TOKENS_DIR,
+    StageError,
+    default_device,
+    model_artifact,
+    shards_artifact,
+    stage_main,
+    tokens_artifact,
+)
+from arsr.train.logging import init_wandb
 
 PARAMS = ("tokenize",)
 
@@ -123,12 +137,14 @@ def _batches(samples: Any, n: int) -> Any:
 def encode_shard(task: tuple[str, str]) -> dict[str, Any]:
     """Encode ``src`` into ``dst`` (written as ``dst.tmp``, renamed when complete).
 
-    Returns the sample count and float64 per-channel sums of ``f`` and ``f^2`` (as stored)."""
+    Returns the sample count, float64 per-channel sums of ``f`` and ``f^2`` (as stored) and how
+    often each code occurs on the last scale (W&B's ``code_usage``)."""
     src, dst = task
     tok, batch_size = _worker["tok"], _worker["batch_size"]
     vae = tok.vae
     tmp = dst + ".tmp"
     n, s1, s2 = 0, np.zeros(vae.Cvae), np.zeros(vae.Cvae)
+    codes, last_l = np.zeros(vae.V, dtype=np.int64), vae.patch_nums[-1] ** 2
     try:
         with open(tmp, "wb") as fh:
             writer = wds.TarWriter(fh, user="arsr", group="arsr", mode=0o444, mtime=0.0, encoder=False)
@@ -136,6 +152,8 @@ def encode_shard(task: tuple[str, str]) -> dict[str, Any]:
                 encoded, f16_BChw = encode_batch(tok, batch)
                 for sample in encoded:
                     writer.write(sample)
+                    idx = np.load(io.BytesIO(sample["idx.npy"]), allow_pickle=False)[-last_l:]
+                    codes += np.bincount(idx.astype(np.int64), minlength=vae.V)
                 f = f16_BChw.astype(np.float64)
                 s1 += f.sum(axis=(0, 2, 3))
                 s2 += np.square(f).sum(axis=(0, 2, 3))
@@ -147,7 +165,7 @@ def encode_shard(task: tuple[str, str]) -> dict[str, Any]:
         os.replace(tmp, dst)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return {"samples": n, "sum": s1, "sumsq": s2, "positions": n * vae.patch_nums[-1] ** 2}
+    return {"samples": n, "sum": s1, "sumsq": s2, "positions": n * last_l, "codes": codes}
 
 
 # --------------------------------------------------------------------------------------
@@ -155,7 +173,7 @@ def encode_shard(task: tuple[str, str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 def _run_tasks(tasks: list[tuple[str, str]], model: Path, batch_size: int, workers: int, total: int) -> list:
     """Encode every shard with ``workers`` processes (in this process when 1), showing progress."""
-    bar = tqdm(total=total, desc="tokenize", unit="img", disable=None)
+    bar = progress(total=total, desc="tokenize", unit="img")
     if workers == 1:
         threads = torch.get_num_threads()
         _init_worker(str(model), batch_size, None)
@@ -170,7 +188,8 @@ def _run_tasks(tasks: list[tuple[str, str]], model: Path, batch_size: int, worke
         return results
     ctx = get_context("spawn")
     counter = ctx.Value("q", 0)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(model), batch_size, counter)) as pool:
+    # Workers that die with this process: a killed stage leaves none encoding on, or waiting forever.
+    with spawn_pool(workers, _init_worker, (str(model), batch_size, counter)) as pool:
         pending = pool.map_async(encode_shard, tasks, chunksize=1)
         while not pending.ready():
             pending.wait(0.5)
@@ -238,17 +257,39 @@ def run_tokenize(
         "images": n,
         "images_per_s": round(n / elapsed, 2),
         "workers": workers,
+        "machine": machine_info(),
     }
     write_json(Path(runs) / "tokenize" / "timing.json", timing)
+    _log_wandb(params, timing, results, shards, model, out, Path(runs))
     print(f"tokenize: {n} samples in {elapsed:.1f} s ({n / elapsed:.1f} img/s, {workers} workers) -> {out}")
     return facts
+
+
+def _log_wandb(
+    params: Params, timing: dict, results: list[dict], shards: Path, model: Path, out: Path, runs: Path
+) -> None:
+    """The stage's W&B run: samples, throughput, code usage (the fraction of the V codes the tokens'
+    last scale uses, train and val, as train_vqvae's ``code_usage``); shards + VQVAE -> tokens."""
+    run = init_wandb("tokenize", stage_param_values(params, PARAMS), out_dir=runs)
+    codes = sum(r["codes"] for r in results)
+    values = {
+        "samples": timing["images"], "samples_per_s": timing["images_per_s"],
+        "seconds": timing["seconds"], "workers": timing["workers"],
+    }  # fmt: skip
+    values["code_usage"] = float((codes > 0).mean()) if len(results) else 0.0
+    run.log(values)
+    run.summary_update(values)
+    run.use_artifact(*shards_artifact(shards))
+    run.use_artifact(*model_artifact("vqvae", model))
+    run.log_artifact(*tokens_artifact(out))
+    run.finish()
 
 
 def _add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shards", default=str(SHARDS_DIR), help="image shards (default: data/shards)")
     ap.add_argument("--model", default=str(RUNS_DIR / "vqvae" / "model.pt"), help="the VQVAE model.pt")
     ap.add_argument("--out", default=str(TOKENS_DIR), help="output folder (default: data/tokens)")
-    ap.add_argument("--runs", default=str(RUNS_DIR), help="where timing.json goes (default: runs)")
+    ap.add_argument("--runs", default=str(RUNS_DIR), help="timing.json and W&B files (default: runs)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,10 +43,19 @@ from arsr.eval.metrics import psnr, y_uint8
 from arsr.infer.base import BaseUpscaler
 from arsr.infer.preview import first_val_pairs, preview
 from arsr.models.base import BaseSR
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, rank_train_iters, stage_main
+from arsr.stages.common import (
+    RUNS_DIR,
+    SHARDS_DIR,
+    StageError,
+    fingerprint,
+    model_artifact,
+    rank_train_iters,
+    shards_artifact,
+    stage_main,
+)
 from arsr.train.dist import DistInfo, cleanup, init_distributed, print0, unwrap
 from arsr.train.engine import Trainer, micro_batch_size
-from arsr.train.logging import WandbRun
+from arsr.train.logging import WandbRun, declare_artifacts
 
 PARAMS = ("seed", "base")
 NUM_PREVIEWS = 4  # val crops in the W&B preview grid
@@ -193,6 +202,7 @@ def train(params: Params, shards: Path, out: Path) -> dict[str, float]:
         on_val=on_val,
         dist_info=dist,
     )
+    declare_artifacts(uses=[shards_artifact(shards)], logs=[model_artifact("base", out / "model.pt")])
     result = trainer.fit()
     cleanup()
     return result.val

@@ -53,10 +53,20 @@ from arsr.data.tokens import TokenFacts
 from arsr.infer.mar import LatentNorm, MARSampling, MARUpscaler, build_mar_sr, lr_norm_of, lr_stats_of
 from arsr.infer.preview import first_val_pairs, preview
 from arsr.infer.tokenizer import load_tokenizer, read_token_facts, tokenizer_entry
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, fingerprint, rank_train_iters, stage_main
+from arsr.stages.common import (
+    RUNS_DIR,
+    SHARDS_DIR,
+    TOKENS_DIR,
+    fingerprint,
+    model_artifact,
+    rank_train_iters,
+    shards_artifact,
+    stage_main,
+    tokens_artifact,
+)
 from arsr.train.dist import DistInfo, cleanup, init_distributed, print0, unwrap
 from arsr.train.engine import Trainer, micro_batch_size
-from arsr.train.logging import WandbRun
+from arsr.train.logging import WandbRun, declare_artifacts
 
 PARAMS = ("seed", "mar")
 NUM_PREVIEWS = 4  # val crops in the W&B sample grid
@@ -195,6 +205,10 @@ def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Pat
         },
         on_val=on_val,
         dist_info=dist,
+    )
+    declare_artifacts(
+        uses=[tokens_artifact(tokens), model_artifact("vqvae", vqvae_path), shards_artifact(shards)],
+        logs=[model_artifact("mar", out / "model.pt")],
     )
     result = trainer.fit()
     cleanup()

@@ -45,10 +45,20 @@ from arsr.infer.srvar import SRVARSampling, SRVARUpscaler, build_srvar
 from arsr.infer.tokenizer import load_tokenizer, read_token_facts, tokenizer_entry
 from arsr.models.srvar import SRVAR, init_from, last_scale_residual, srvar_loss
 from arsr.models.vqvae import VQVAE
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, TOKENS_DIR, fingerprint, rank_train_iters, stage_main
+from arsr.stages.common import (
+    RUNS_DIR,
+    SHARDS_DIR,
+    TOKENS_DIR,
+    fingerprint,
+    model_artifact,
+    rank_train_iters,
+    shards_artifact,
+    stage_main,
+    tokens_artifact,
+)
 from arsr.train.dist import cleanup, init_distributed, print0, unwrap
 from arsr.train.engine import Trainer, micro_batch_size
-from arsr.train.logging import WandbRun
+from arsr.train.logging import WandbRun, declare_artifacts
 
 PARAMS = ("seed", "srvar")
 NUM_PREVIEWS = 4  # val crops in the W&B sample grid at every validation
@@ -181,6 +191,10 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
         model_extra=extra,
         on_val=on_val,
         dist_info=dist,
+    )
+    declare_artifacts(
+        uses=[tokens_artifact(tokens), model_artifact("vqvae", vqvae_path), shards_artifact(shards)],
+        logs=[model_artifact("srvar", out / "model.pt")],
     )
     result = trainer.fit()
     cleanup()

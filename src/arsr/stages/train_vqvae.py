@@ -65,11 +65,20 @@ from arsr.io import atomic_write_text
 from arsr.models.base import BaseSR
 from arsr.models.residual import SRTokenizer
 from arsr.models.vqvae import VQVAE, load_official
-from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, fingerprint, rank_train_iters, stage_main
+from arsr.stages.common import (
+    RUNS_DIR,
+    SHARDS_DIR,
+    StageError,
+    fingerprint,
+    model_artifact,
+    rank_train_iters,
+    shards_artifact,
+    stage_main,
+)
 from arsr.train.checkpoint import load_model_file, save_model_file
 from arsr.train.dist import DistInfo, all_reduce_sum_, cleanup, init_distributed, print0, unwrap
 from arsr.train.engine import Trainer, micro_batch_size
-from arsr.train.logging import PlotWriter, WandbRun, init_wandb, merge_sums
+from arsr.train.logging import PlotWriter, WandbRun, declare_artifacts, init_wandb, merge_sums
 
 # DDP compares a gradient's strides with its bucket's; for 1x1 conv weights [C, C, 1, 1] the oneDNN
 # gradient differs only in the strides of the size-1 dims, which address nothing: harmless, once per
@@ -439,6 +448,11 @@ def tokenizer_base_entry(base_file: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace, params: Params) -> dict[str, float]:
     cfg = params.vqvae
     shards, out = Path(args.shards), Path(args.out)
+    uses = [shards_artifact(shards)]
+    if cfg.target == "residual" and not cfg.pretrained:
+        uses.append(model_artifact("base", args.base))
+    # The run is the engine's when training, adopt_pretrained's otherwise: both take these.
+    declare_artifacts(uses=uses, logs=[model_artifact("vqvae", out / "model.pt")])
     if cfg.pretrained:
         val = adopt_pretrained(cfg, params, shards, out)
     else:

@@ -6,8 +6,10 @@
 Images of any size are cut into overlapping tiles of the model's grid, super-resolved and
 blended (``arsr.infer.tiling``). ``model.pt`` is self-contained (model, tokenizer: the VQVAE and,
 for a residual tokenizer, its base and sigma; token facts), so the right tokenizer always comes
-with it. Sampling settings are params.yaml's
-``eval.<family>`` (the schema's defaults outside a project), overridden by ``--<family>-<field>``.
+with it. Settings come by the rule ``arsr evaluate --hr-dir`` follows too (``arsr.stages.common``'s
+``tool_settings``): params.yaml's (or ``--params FILE``'s) eval section, the schema's defaults
+outside a project, overridden by ``--seed`` and ``--<family>-<field>``; one line on stderr says
+which were used. Progress: a bar on a terminal, plain lines in a log.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from arsr.config import tool_eval_config
 from arsr.data.sources import IMAGE_SUFFIXES, ImageError, SourceImage, load_rgb
 from arsr.infer.registry import FAMILIES, add_sampling_args, load_upscaler, sampling_overrides
 from arsr.infer.tiling import upscale_image
-from arsr.stages.common import USER_ERRORS, default_device
+from arsr.progress import progress
+from arsr.stages.common import add_tool_args, default_device, report_errors, stage_parser, tool_settings
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -40,15 +41,15 @@ def list_inputs(path: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    eval_cfg = tool_eval_config(args.params, sampling_overrides(args))
-    seed = eval_cfg.seed if args.seed is None else args.seed
+    eval_cfg = tool_settings("upscale", args, sampling_overrides(args))
+    seed = eval_cfg.seed  # (--seed applied)
     device = torch.device(args.device) if args.device else default_device()
     upscaler = load_upscaler(args.model, eval_cfg, device)
     inputs = list_inputs(Path(args.input))
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path in tqdm(inputs, desc="upscale", unit="img", disable=None):
+    for path in progress(inputs, desc="upscale", unit="img"):
         try:
             lr, _notes = load_rgb(SourceImage("in", path.name, path, 0), 89_478_485)
         except ImageError as err:
@@ -64,22 +65,19 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed == len(inputs) else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="arsr upscale", description=__doc__.strip().split("\n\n")[0])
+def _add_args(ap: argparse.ArgumentParser) -> None:
     families = ", ".join(FAMILIES)
     ap.add_argument("--model", required=True, help=f"an SR model.pt ({families}): runs/<family>/model.pt")
     ap.add_argument("--input", required=True, help="an image file or a folder of images")
     ap.add_argument("--output", required=True, help="folder for <name>_x<scale>.png")
-    ap.add_argument("--params", default="params.yaml", help="sampling defaults from its eval section")
-    ap.add_argument("--seed", type=int, help="default: params' eval.seed")
     ap.add_argument("--device", help="default: cuda when there is a GPU (ARSR_DEVICE overrides)")
+    add_tool_args(ap)
     add_sampling_args(ap)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as err:
-        print(f"arsr upscale: error: {err}", file=sys.stderr)
-        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_parser("upscale", __doc__, _add_args).parse_args(argv)
+    return report_errors("upscale", lambda: run(args))
 
 
 if __name__ == "__main__":

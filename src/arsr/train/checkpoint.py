@@ -8,8 +8,11 @@ with ``torch.load(weights_only=True)`` and nothing in them can run code:
   self-contained for inference (``extra`` holds e.g. the VQVAE weights and latent stats).
 
 A checkpoint belongs to one run *fingerprint* (the stage's params and the hashes of its
-inputs). A rerun with the same fingerprint resumes; another fingerprint moves the old
-checkpoint to ``ckpt/stale-<fp>/`` and starts fresh.
+inputs), and ``ckpt/`` is a cache keyed by it: a rerun with the same fingerprint resumes;
+another fingerprint moves the old checkpoint (and the files that go with it, e.g. the plots) to
+``ckpt/stale-<fp>/`` and takes back ``ckpt/stale-<its fp>/`` when there is one (a reverted
+param resumes there; a finished run just rewrites its outputs), else starts fresh. The newest
+``keep_stale`` stale folders are kept.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -174,41 +177,105 @@ def load_model_file(path: str | Path, kind: str, config: dict[str, Any] | None =
 # --------------------------------------------------------------------------------------
 # Resume decisions
 # --------------------------------------------------------------------------------------
-def set_aside(ckpt_path: Path, fp_id: str) -> Path:
-    """Move a stale checkpoint to ``ckpt/stale-<fp>/`` (replacing an older one there)."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def set_aside(ckpt_path: Path, fp_id: str, keep_with: Sequence[Path] = ()) -> Path:
+    """Move a stale checkpoint, then the existing ``keep_with`` paths (files that belong to its run,
+    e.g. the plots folder), to ``ckpt/stale-<fp>/`` (replacing an older one there)."""
     dest_dir = ckpt_path.parent / f"stale-{fp_id}"
     if dest_dir.exists():
         shutil.rmtree(dest_dir)
     dest_dir.mkdir(parents=True)
     dest = dest_dir / ckpt_path.name
-    os.replace(ckpt_path, dest)
+    os.replace(ckpt_path, dest)  # first: the checkpoint is what makes the folder an entry
+    for path in keep_with:
+        if path.exists():
+            os.replace(path, dest_dir / path.name)
     return dest
 
 
+def restore(stale_path: Path, ckpt_path: Path, keep_with: Sequence[Path] = ()) -> None:
+    """Move ``ckpt/stale-<fp>/last.pt`` back to ``ckpt_path``, with its ``keep_with`` companions
+    (replacing the current ones: they belonged to no checkpoint, or were just set aside with
+    theirs), and drop the folder."""
+    src_dir = stale_path.parent
+    for path in keep_with:
+        if (src_dir / path.name).exists():
+            _remove(path)
+            os.replace(src_dir / path.name, path)
+    # Last: a restore cut short leaves the checkpoint in the stale folder, and the rerun restores again.
+    os.replace(stale_path, ckpt_path)
+    shutil.rmtree(src_dir)
+
+
+def prune_stale(ckpt_dir: Path, keep: int) -> list[str]:
+    """Remove all but the ``keep`` most recently set aside ``stale-*`` folders; returns their names."""
+    folders = [p for p in ckpt_dir.glob("stale-*") if p.is_dir()]
+    folders.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    for p in folders[keep:]:
+        shutil.rmtree(p)
+    return [p.name for p in folders[keep:]]
+
+
+def _load_ckpt(path: Path) -> dict[str, Any]:
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not an arsr training checkpoint (format {CKPT_FORMAT})")
+    return state
+
+
 def load_for_resume(
-    ckpt_path: Path, *, kind: str, config: dict[str, Any], fingerprint: dict[str, Any]
+    ckpt_path: Path,
+    *,
+    kind: str,
+    config: dict[str, Any],
+    fingerprint: dict[str, Any],
+    keep_stale: int = 2,
+    keep_with: Sequence[Path] = (),
 ) -> tuple[dict[str, Any] | None, str]:
-    """Decide whether ``ckpt_path`` resumes this run; returns ``(state or None, message)``.
+    """Decide whether ``ckpt_path`` (or a stale checkpoint of this fingerprint) resumes this run;
+    returns ``(state or None, message)``, the message saying what was moved, restored and pruned.
 
     Another model kind is refused outright (never moved aside: it is not this stage's file).
-    Another fingerprint moves the checkpoint aside. The same fingerprint but another model
-    config means the stage's fingerprint misses a key: refused, naming the keys.
+    Another fingerprint moves the checkpoint aside, with ``keep_with``; then ``ckpt/stale-<this
+    fp>/``, when there is one, is moved back and resumed. The same fingerprint but another model
+    config means the stage's fingerprint misses a key: refused, naming the keys. Stale folders
+    beyond the newest ``keep_stale`` are removed.
     """
-    if not ckpt_path.is_file():
-        return None, "no checkpoint: starting fresh"
-    state = safe_load(ckpt_path)
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{ckpt_path} is not an arsr training checkpoint (format {CKPT_FORMAT})")
-    if state.get("kind") != kind:
-        check_compatible(state, kind, None, ckpt_path)
-    old_id, new_id = state.get("fingerprint_id"), fingerprint_id(fingerprint)
-    if old_id != new_id:
-        dest = set_aside(ckpt_path, old_id)
+    new_id = fingerprint_id(fingerprint)
+    notes: list[str] = []
+    if ckpt_path.is_file():
+        state = _load_ckpt(ckpt_path)
+        if state.get("kind") != kind:
+            check_compatible(state, kind, None, ckpt_path)
+        old_id = state.get("fingerprint_id")
+        if old_id == new_id:
+            check_compatible(state, kind, config, ckpt_path)
+            return state, f"resuming from {ckpt_path} at step {state['step']}"
+        dest = set_aside(ckpt_path, old_id, keep_with)
         diffs = config_diff(state.get("fingerprint", {}), fingerprint)
         why = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
-        return (
-            None,
-            f"checkpoint fingerprint {old_id} != {new_id} ({why}): moved it to {dest}, starting fresh",
-        )
-    check_compatible(state, kind, config, ckpt_path)
-    return state, f"resuming from {ckpt_path} at step {state['step']}"
+        notes.append(f"checkpoint fingerprint {old_id} != {new_id} ({why}): moved it to {dest}")
+    state = None
+    stale = ckpt_path.parent / f"stale-{new_id}" / ckpt_path.name
+    if stale.is_file():
+        candidate = _load_ckpt(stale)
+        if candidate.get("kind") == kind and candidate.get("fingerprint_id") == new_id:
+            check_compatible(candidate, kind, config, stale)
+            restore(stale, ckpt_path, keep_with)
+            state = candidate
+            notes.append(f"restored this fingerprint's checkpoint {stale}: resuming at step {state['step']}")
+        else:  # not what its folder's name says (moved there by hand?): left alone
+            notes.append(f"ignoring {stale}: a {candidate.get('kind')!r} checkpoint of fingerprint "
+                         f"{candidate.get('fingerprint_id')}")  # fmt: skip
+    if state is None:
+        notes[-1:] = [f"{notes[-1]}, starting fresh"] if notes else ["no checkpoint: starting fresh"]
+    pruned = prune_stale(ckpt_path.parent, keep_stale)
+    if pruned:
+        notes.append(f"removed stale checkpoint(s) beyond the newest {keep_stale}: {', '.join(pruned)}")
+    return state, "\n".join(notes)

@@ -23,6 +23,10 @@ every rank's RNG states, the metric sums of the current log window, the W&B run 
 ``ckpt/last.pt``; the lr is a pure function of the step and the data a pure function of the
 micro-step, so a run killed at any point and rerun gives the weights of a run never stopped
 (CPU, fp32; on GPU with ``deterministic: true``).
+
+A checkpoint is written every ``ckpt_every`` steps and also once ``ckpt_minutes`` have passed
+since the last one (by rank 0's clock, shared in the per-step all-reduce: every rank must
+checkpoint at the same step, as the write is collective), so a kill loses at most that much work.
 """
 
 from __future__ import annotations
@@ -208,6 +212,7 @@ class Trainer:
         self.val_metrics: dict[str, float] = {}
         self.wandb = WandbRun(None)
         self._stop_signal = 0
+        self._last_ckpt_time = time.monotonic()  # rank 0's is the one that counts
 
     # ----------------------------------------------------------------------------------
     # Set-up and resume
@@ -217,7 +222,12 @@ class Trainer:
         state, resume = None, False
         if self.dist.is_main:
             state, message = load_for_resume(
-                self.ckpt_path, kind=self.kind, config=self.model_config, fingerprint=self.fingerprint
+                self.ckpt_path,
+                kind=self.kind,
+                config=self.model_config,
+                fingerprint=self.fingerprint,
+                keep_stale=self.cfg.keep_stale,
+                keep_with=[self.out_dir / "plots"],  # a restored checkpoint gets its run's plots back
             )
             print0(message)
             resume = state is not None
@@ -267,6 +277,9 @@ class Trainer:
             self.ddp_model = torch.compile(self.ddp_model)
         if d.is_main:
             PlotWriter(self.out_dir / "plots").truncate_after(self.step)
+            # A declared output even when nothing is logged (a finished checkpoint restored from a
+            # stale folder that kept no plots).
+            (self.out_dir / "plots").mkdir(parents=True, exist_ok=True)
         run_id = state.get("wandb_id") if state is not None else None
         self.wandb = init_wandb(
             f"train_{self.kind}", self.fingerprint, out_dir=self.out_dir.parent, rank=d.rank, run_id=run_id
@@ -288,8 +301,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------
     # One optimizer step
     # ----------------------------------------------------------------------------------
-    def _train_step(self, train_iter: Iterator[Batch]) -> bool:
-        """Train one step; returns whether any rank asked to stop (SIGTERM/SIGUSR1)."""
+    def _ckpt_due(self) -> bool:
+        """``ckpt_minutes`` passed since the last checkpoint, by this rank's clock (rank 0's decides)."""
+        minutes = self.cfg.ckpt_minutes
+        return minutes > 0 and time.monotonic() - self._last_ckpt_time >= 60.0 * minutes
+
+    def _train_step(self, train_iter: Iterator[Batch]) -> tuple[bool, bool]:
+        """Train one step; returns whether any rank asked to stop (SIGTERM/SIGUSR1) and whether
+        rank 0 found a checkpoint due by time (the same two answers on every rank)."""
         cfg, d, opt, scaler = self.cfg, self.dist, self.optimizer, self.scaler
         lr = peak_lr(cfg) * lr_factor(self.step, cfg)
         set_lr(opt, lr)
@@ -313,11 +332,13 @@ class Trainer:
         # Always measured (tnm); with grad_clip 0 the max norm is inf and the grads are left as they are.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         # One small all-reduce and one host sync per step: the mean loss and grad norm (the norm is
-        # the same on every rank already) and the stop flag. Every rank then holds the same
-        # numbers, so all of them skip, stop and checkpoint at the same step.
+        # the same on every rank already), the stop flag and rank 0's checkpoint-time flag (only
+        # rank 0 adds it: ranks' clocks differ). Every rank then holds the same numbers, so all of
+        # them skip, stop and checkpoint at the same step.
         stop_flag = torch.tensor(float(self._stop_signal), device=d.device)
-        stats = torch.stack([loss_sum / cfg.accum, grad_norm.float(), stop_flag])
-        loss_val, gnorm, stop = (all_reduce_sum_(stats) / d.world_size).tolist()
+        due_flag = torch.tensor(float(d.is_main and self._ckpt_due()), device=d.device)
+        stats = torch.stack([loss_sum / cfg.accum, grad_norm.float(), stop_flag, due_flag])
+        loss_val, gnorm, stop, due = (all_reduce_sum_(stats) / d.world_size).tolist()
 
         # fp16: the scaler skips steps with inf/nan gradients itself (and lowers its scale);
         # only a non-finite loss counts as bad. bf16/fp32: any non-finite value skips the step.
@@ -351,7 +372,7 @@ class Trainer:
             for m in step_metrics:
                 self.meter.update(m)
             self.meter.update({"loss": loss_val, "tlr": lr} | ({"tnm": gnorm} if finite_grads else {}))
-        return stop > 0
+        return stop > 0, due > 0
 
     # ----------------------------------------------------------------------------------
     # Logging, validation, checkpoints
@@ -425,6 +446,7 @@ class Trainer:
             atomic_save(state, self.ckpt_path)
             print0(f"saved checkpoint at step {self.step}")
         barrier()  # nobody exits (or reads) before the file is complete
+        self._last_ckpt_time = time.monotonic()
 
     def _write_outputs(self, wall_s: float, start_step: int) -> None:
         """model.pt, metrics.json (dvc metrics: deterministic), timing.json (varies per run)."""
@@ -484,8 +506,9 @@ class Trainer:
             start_step, t0 = self.step, time.perf_counter()
             plots = PlotWriter(self.out_dir / "plots")
             progress = Progress(cfg.max_steps, self.step, enabled=d.is_main)
+            self._last_ckpt_time = time.monotonic()  # set-up is no training work to lose
             while self.step < cfg.max_steps:
-                stop = self._train_step(train_iter)
+                stop, ckpt_due = self._train_step(train_iter)
                 progress.update(self.step)
                 if self.on_step is not None:
                     self.meter.update(self.on_step(self.step, self.model) or {})
@@ -494,7 +517,7 @@ class Trainer:
                     self._log(progress, plots)
                 if self.step % cfg.val_every == 0 or last:
                     self._validate(plots)
-                if stop or self.step % cfg.ckpt_every == 0 or last:
+                if stop or ckpt_due or self.step % cfg.ckpt_every == 0 or last:
                     self._checkpoint()
                 if stop:
                     sig = self._stop_signal or signal.SIGTERM

@@ -2,7 +2,9 @@
 
 - :func:`init_wandb` / :class:`WandbRun`: a W&B run whose methods never raise. Any failure
   (bad ``WANDB_MODE``, unreachable server, init timeout) logs one warning and turns the run
-  into a no-op, so W&B can never stop training.
+  into a no-op, so W&B can never stop training. Runs are named ``<stage>-<params hash>``
+  (:func:`run_name`); inputs and outputs are reference artifacts (:meth:`WandbRun.use_artifact`,
+  :meth:`WandbRun.log_artifact`, :func:`declare_artifacts` for a run another module starts).
 - :class:`MetricMeter`: sums of per-step metrics between two log steps (the logged value is
   the mean over that window: a smoothed value that is also exactly reproducible on resume).
 - :class:`PlotWriter`: ``plots/<name>.tsv`` files (``step`` + value columns) for ``dvc plots``,
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -26,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from arsr.train.checkpoint import NOT_DATA
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +61,59 @@ def pipeline_group(params_file: str | Path = "params.yaml") -> str:
     return f"pipe-{digest[:10]}"
 
 
+def run_name(stage: str, config: dict[str, Any]) -> str:
+    """``<stage>-<8 hex>``: a hash of the stage's params values, so a run says which settings made
+    it (the same settings, the same name, in any pipeline group) instead of W&B's random words.
+
+    ``config`` is the stage's params values, or a training fingerprint (``{"stage", "params",
+    "inputs"}``), of which only ``params`` counts: the name is the settings', not the inputs'."""
+    values = config["params"] if {"stage", "params", "inputs"} <= set(config) else config
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+# (artifact name, type, paths): files and folders a stage reads or writes, e.g.
+# ("shards", "dataset", ["data/shards"]). W&B records them as references with checksums.
+ArtifactSpec = tuple[str, str, Sequence["str | Path"]]
+
+_declared: dict[str, list[ArtifactSpec]] = {"uses": [], "logs": []}
+
+
+def declare_artifacts(uses: Sequence[ArtifactSpec] = (), logs: Sequence[ArtifactSpec] = ()) -> None:
+    """The lineage of the next run :func:`init_wandb` starts in this process, for a stage whose run
+    another module starts (the training engine): ``uses`` are recorded at its start, ``logs`` when it
+    finishes with exit code 0 (after the outputs are written; an interrupted run has none)."""
+    _declared["uses"], _declared["logs"] = list(uses), list(logs)
+
+
+def _reference_artifact(name: str, type_: str, paths: Sequence[str | Path]) -> Any:
+    """A draft W&B artifact of ``file://`` references to every file of ``paths`` (absolute, as the
+    workspace names them: a DVC cache link is not followed), or None when none exists.
+
+    W&B stores each file's checksum, never its bytes (DVC already keeps them), so the artifact's
+    digest is a function of the paths and contents: the stage that writes the files and every stage
+    that reads them build the same digest. Runner bookkeeping (a Snakemake timestamp that appears
+    in a folder after its producer finished) is left out, or readers would see other contents."""
+    import wandb
+
+    art = wandb.Artifact(name, type=type_)
+    for p in (Path(os.path.abspath(x)) for x in paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.name not in NOT_DATA)
+            entries = [(f, f"{p.name}/{f.relative_to(p).as_posix()}") for f in files]
+        else:
+            entries = [(p, p.name)] if p.is_file() else []
+        for f, entry in entries:
+            art.add_reference(f"file://{f}", name=entry)
+    return art if art.manifest.entries else None
+
+
 class WandbRun:
     """A W&B run (or a no-op one); no method raises."""
 
-    def __init__(self, run: Any = None):
+    def __init__(self, run: Any = None, logs_at_finish: Sequence[ArtifactSpec] = ()):
         self._run = run
+        self._logs_at_finish = list(logs_at_finish)
 
     @property
     def id(self) -> str | None:
@@ -70,16 +123,52 @@ class WandbRun:
     def enabled(self) -> bool:
         return self._run is not None
 
-    def _guard(self, what: str, fn: Any) -> None:
+    def _guard(self, what: str, fn: Any, keep_run: bool = False) -> None:
         if self._run is None:
             return
         try:
             fn()
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
+            if keep_run:  # lineage is extra: its failure leaves the metrics flowing
+                log.warning("W&B %s failed (%s: %s)", what, type(err).__name__, err)
+                return
             log.warning(
                 "W&B %s failed (%s: %s); W&B is off for the rest of this run", what, type(err).__name__, err
             )
             self._run = None
+
+    def log_artifact(self, name: str, type: str, paths: Sequence[str | Path]) -> None:  # noqa: A002
+        """Record ``paths`` as this run's output artifact ``name`` (file references with checksums:
+        nothing is uploaded). Files of the same contents again make no new version."""
+
+        def go() -> None:
+            art = _reference_artifact(name, type, paths)
+            if art is not None:
+                self._run.log_artifact(art)
+
+        self._guard(f"log_artifact {name}", go, keep_run=True)
+
+    def use_artifact(self, name: str, type: str, paths: Sequence[str | Path]) -> None:  # noqa: A002
+        """Record ``paths`` as an input of this run: the artifact ``name`` built from the files as
+        they are now, which W&B resolves by its digest to the version the producing run logged.
+
+        No ``name:version`` lookup, which needs the server (an offline run has none) and could pick
+        another experiment's newer version. Online this is ``run.use_artifact(draft)``. Offline
+        ``run.use_artifact`` refuses, so this makes the very call it makes online for a draft: an
+        artifact record flagged user-created and use-after-commit goes into the run's .wandb file,
+        and ``wandb sync`` creates it with digest deduplication (the producer's version when the
+        producer's run was synced first) and then marks that version used by this run."""
+
+        def go() -> None:
+            art = _reference_artifact(name, type, paths)
+            if art is None:
+                return
+            if self._run.offline:
+                self._run._log_artifact(art, is_user_created=True, use_after_commit=True)
+            else:
+                self._run.use_artifact(art)
+
+        self._guard(f"use_artifact {name}", go, keep_run=True)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self._guard("log", lambda: self._run.log(metrics, step=step))
@@ -94,7 +183,7 @@ class WandbRun:
     def log_images(
         self, key: str, images: Sequence[Any], captions: Sequence[str] | None = None, step: int | None = None
     ) -> None:
-        """``images``: HWC uint8 arrays/tensors or PIL images."""
+        """``images``: HWC uint8 arrays/tensors, PIL images or image file paths."""
 
         def data() -> dict[str, Any]:
             import wandb
@@ -131,6 +220,10 @@ class WandbRun:
         self._guard("summary_update", lambda: self._run.summary.update(values))
 
     def finish(self, exit_code: int | None = None) -> None:
+        if not exit_code:  # a failed or interrupted stage has no outputs to record
+            for spec in self._logs_at_finish:
+                self.log_artifact(*spec)
+        self._logs_at_finish = []
         self._guard("finish", lambda: self._run.finish(exit_code=exit_code))
         self._run = None
 
@@ -157,17 +250,22 @@ def init_wandb(
     """Start (or, with ``run_id``, continue) this stage's W&B run; a no-op run off rank 0.
 
     Mode from ``WANDB_MODE`` (default offline), files under ``<out_dir>/wandb``, project from
-    ``WANDB_PROJECT`` (default arsr), group from :func:`pipeline_group`, ``job_type=stage``.
+    ``WANDB_PROJECT`` (default arsr), group from :func:`pipeline_group`, ``job_type=stage``, name
+    from :func:`run_name`. Artifacts declared by :func:`declare_artifacts` are used at the start
+    and logged by a successful :meth:`WandbRun.finish`.
     """
+    uses, logs = _declared["uses"], _declared["logs"]
+    declare_artifacts()  # consumed by this run, whatever happens: never inherited by the next one
     mode = os.environ.get("WANDB_MODE", "offline")
     if rank != 0 or mode == "disabled":
         return WandbRun(None)
     out = Path(out_dir).resolve()
-    # Keep W&B's staging, cache and settings under the run folder (hermetic CI, no ~/.local).
+    # Keep W&B's staging, cache and downloads under the run folder (hermetic CI, nothing written to
+    # ~/.local or ~/.cache). Not WANDB_CONFIG_DIR: it holds the user's settings, e.g. the server of
+    # `wandb login --host`, which must keep applying; W&B only reads it here.
     for var, sub in [
         ("WANDB_DATA_DIR", "data"),
         ("WANDB_CACHE_DIR", "cache"),
-        ("WANDB_CONFIG_DIR", "config"),
         ("WANDB_ARTIFACT_DIR", "artifacts"),
     ]:
         os.environ.setdefault(var, str(out / "wandb" / "_env" / sub))
@@ -184,6 +282,7 @@ def init_wandb(
             project=os.environ.get("WANDB_PROJECT", "arsr"),
             group=pipeline_group(),
             job_type=stage,
+            name=run_name(stage, config),
             config=config,
             dir=str(out),
             mode=mode,
@@ -194,7 +293,10 @@ def init_wandb(
     except Exception as err:  # noqa: BLE001 - W&B must never stop training
         log.warning("W&B init failed (%s: %s); going on without W&B", type(err).__name__, err)
         return WandbRun(None)
-    return WandbRun(run)
+    wrun = WandbRun(run, logs_at_finish=logs)
+    for spec in uses:
+        wrun.use_artifact(*spec)
+    return wrun
 
 
 # --------------------------------------------------------------------------------------
