@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arsr.data.loader import stop_workers
 from arsr.io import atomic_write_text
+from arsr.provenance import machine_info
 from arsr.train.checkpoint import (
     CKPT_FORMAT,
     atomic_save,
@@ -471,6 +472,7 @@ class Trainer:
             "wall_s": round(wall_s, 3),
             "steps_per_s": round(steps_run / wall_s, 4) if wall_s > 0 else None,
             "samples_per_s": round(steps_run * self.cfg.batch_size / wall_s, 2) if wall_s > 0 else None,
+            "machine": machine_info(),
         }
         atomic_write_text(self.out_dir / "timing.json", json.dumps(timing, indent=2) + "\n")
         self.wandb.summary_update({f"final/{k}": v for k, v in self.val_metrics.items()} | timing)
