@@ -55,8 +55,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     d = init_distributed()
     cfg = TrainConfig(
-        nproc=d.world_size, max_steps=args.steps, batch_size=args.micro_batch * d.world_size, amp=args.amp,
-        base_lr=1e-4, warmup_steps=0, val_every=10**6, ckpt_every=10**6, log_every=10, workers=0,
+        max_steps=args.steps, batch_size=args.micro_batch * d.world_size, amp=args.amp,
+        base_lr=1e-4, warmup_steps=0, val_every=10**6, ckpt_every=10**6, log_every=10,
     )  # fmt: skip
     mb, seq = micro_batch_size(cfg, d.world_size), args.seq
     torch.manual_seed(0)

@@ -19,8 +19,8 @@ python - "$NGPU" "${MAX_STEPS:-0}" <<'EOF'
 import sys, yaml
 p = yaml.safe_load(open("params.yaml"))
 for s in ("vqvae", "srvar", "mar"):
-    p[s]["train"]["nproc"] = int(sys.argv[1])
-p["srvar"]["train"]["compile"] = True
+    p["resources"][f"train_{s}"]["nproc"] = int(sys.argv[1])
+p["resources"]["train_srvar"]["compile"] = True
 if int(sys.argv[2]):
     for s in ("vqvae", "srvar", "mar"):
         t = p[s]["train"]

@@ -152,15 +152,21 @@ def main() -> None:
     p.add_argument("--fail", default=None, help="RANK:STEP raises there")
     p.add_argument("--marker", default=None, help="rank 0 writes the finished step number here")
     p.add_argument("--deterministic", action="store_true")
+    p.add_argument(
+        "--portable",
+        action="store_true",
+        help="resumable with another accum too (ranks and workers are resources, never in the "
+        "fingerprint): accum is left out of it and the run goes to OUT/run (not OUT/accum<A>)",
+    )
     args = p.parse_args()
 
     d = init_distributed()
     for accum in args.accum:
         cfg = TrainConfig(
-            nproc=d.world_size, max_steps=args.steps, batch_size=args.batch, accum=accum, amp="none",
+            max_steps=args.steps, batch_size=args.batch, accum=accum, amp="none",
             base_lr=args.lr, warmup_steps=2, weight_decay=0.05, grad_clip=1.0, ema=0.9,
             val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
-            deterministic=args.deterministic, workers=args.workers,
+            deterministic=args.deterministic,
         )  # fmt: skip
         mb = micro_batch_size(cfg, d.world_size)
         torch.manual_seed(0)  # the same initial weights on every rank and in every run
@@ -202,9 +208,12 @@ def main() -> None:
             return {"val/hook": float(step)}
 
         fingerprint = {"train": cfg.model_dump(mode="json"), "dropout": args.dropout, "data": args.shards}
+        if args.portable:
+            fingerprint["train"] = cfg.model_dump(mode="json", exclude={"accum"})
+        run_dir = Path(args.out) / ("run" if args.portable else f"accum{accum}")
         trainer = Trainer(
             kind="tinynet", model=model, model_config={"width": 32, "dropout": args.dropout}, cfg=cfg,
-            loss_fn=loss_fn, make_train_iter=make_train_iter, out_dir=Path(args.out) / f"accum{accum}",
+            loss_fn=loss_fn, make_train_iter=make_train_iter, out_dir=run_dir,
             fingerprint=fingerprint, seed=3, val_fn=val_fn,
             make_val_iter=lambda: val_batches(d.rank, d.world_size), on_step=on_step, on_val=on_val,
             model_extra={"note": 1.5}, dist_info=d,

@@ -29,9 +29,9 @@ _TINY_TRAIN = {
     "log_every": 2,
     "warmup_steps": 1,
     "deterministic": True,
-    "workers": 1,
     "amp": "none",
 }
+_TINY_RANKS = {"nproc": 2, "workers": 1}  # resources.train_*: 2 ranks, one loader process each
 TINY_PARAMS = {
     "seed": 0,
     "data": {
@@ -40,9 +40,8 @@ TINY_PARAMS = {
         "scale": 4,
         "crop_stride": 64,
         "min_shards": 4,
-        "workers": 2,
     },
-    "base": {"model": {"channels": 16, "depth": 3}, "train": {**_TINY_TRAIN, "nproc": 2}},
+    "base": {"model": {"channels": 16, "depth": 3}, "train": _TINY_TRAIN},
     "vqvae": {
         "model": {
             "ch": 16,
@@ -53,8 +52,7 @@ TINY_PARAMS = {
         },
         "train": {**_TINY_TRAIN, "max_steps": 12},
     },
-    "tokenize": {"batch_size": 32, "workers": 2},
-    "srvar": {"model": {"depth": 2, "width": 64, "heads": 2}, "train": {**_TINY_TRAIN, "nproc": 2}},
+    "srvar": {"model": {"depth": 2, "width": 64, "heads": 2}, "train": _TINY_TRAIN},
     "mar": {
         "model": {
             "encoder_dim": 64,
@@ -68,9 +66,17 @@ TINY_PARAMS = {
             "diffloss_depth": 2,
             "num_sampling_steps": "ddim10",
         },
-        "train": {**_TINY_TRAIN, "nproc": 2},
+        "train": _TINY_TRAIN,
     },
     "eval": {"max_val_images": 4, "num_samples": 2, "mar": {"num_iter": 4}},
+    "resources": {
+        "shard": {"workers": 2},
+        "train_base": _TINY_RANKS,
+        "train_vqvae": _TINY_RANKS,
+        "tokenize": {"batch_size": 32, "workers": 2},
+        "train_srvar": _TINY_RANKS,
+        "train_mar": _TINY_RANKS,
+    },
 }
 
 

@@ -42,12 +42,12 @@ TINY_MODEL = {"channels": 16, "depth": 4, "act": "relu"}
 TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 12,
-             "min_shards": 2, "workers": 1},
+             "min_shards": 2},
     "base": {"model": TINY_MODEL,
-             "train": {"nproc": 2, "workers": 1, "max_steps": STEPS, "batch_size": 16, "warmup_steps": 3,
+             "train": {"max_steps": STEPS, "batch_size": 16, "warmup_steps": 3,
                        "amp": "none", "val_every": 15, "log_every": 5, "ckpt_every": 100}},
     "vqvae": {"model": {"patch_nums": [1, 2, 3, 4]}},  # the tokenizer's grid must fit 32 px (unused here)
-    "mar": {"train": {"workers": 1}},  # MAR's recipe (2 ranks x 2 workers) would need 4 shards per split
+    "resources": {"shard": {"workers": 1}, "train_base": {"nproc": 2, "workers": 1}},
 }  # fmt: skip
 
 
@@ -129,7 +129,10 @@ def test_augment_applies_the_same_symmetry_to_hr_and_lr() -> None:
         ({"base": {"model": {"act": "gelu"}}}, "base.model.act"),
         ({"base": {"model": {"width": 64}}}, "base.model.width: unknown key"),
         ({"base": {"augment": "sometimes"}}, "base.augment"),
-        ({"base": {"train": {"nproc": 4, "workers": 2}}}, "data.min_shards: 4 is below base.train.nproc"),
+        (
+            {"resources": {"train_base": {"nproc": 3}}},
+            "base.train.batch_size: 32 is not divisible by resources.train_base.nproc",
+        ),
     ],
 )
 def test_a_bad_base_key_is_named(raw: dict, names: str) -> None:

@@ -12,22 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
-from stage_helpers import one_thread  # noqa: F401  (autouse)
+from stage_helpers import one_thread, write_tiny_srvar  # noqa: F401  (one_thread: autouse)
 
 from arsr.cli import COMMANDS, summary
 from arsr.cli import main as arsr_main
 from arsr.data.imresize import imresize
-from arsr.data.tokens import TokenFacts
 from arsr.eval.registry import METRICS
-from arsr.infer.srvar import build_srvar
-from arsr.models.srvar import SRVARConfig
-from arsr.models.vqvae import VQVAE, VQVAEConfig
 from arsr.progress import LineProgress
 from arsr.stages.common import params_option
-from arsr.train.checkpoint import save_model_file
 
 PN = (1, 2, 3, 4)
 SCALE = 2
@@ -58,21 +52,7 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output of the pipeline that standalone tools must not touch."""
     root = tmp_path_factory.mktemp("cli")
     (root / "params.yaml").write_text(yaml.safe_dump({"eval": EVAL}))
-    torch.manual_seed(0)
-    vae = VQVAE(VQVAEConfig(vocab_size=32, z_channels=16, ch=8, ch_mult=(1, 2), patch_nums=PN)).freeze()
-    facts = TokenFacts(
-        hr_size=8, scale=SCALE, num_classes=0, patch_nums=PN, vocab_size=32, Cvae=16, target="hr",
-        lr_channels=16, vqvae_sha256="0" * 64, samples=1, mean=(0.0,) * 16, std=(1.0,) * 16,
-    )  # fmt: skip
-    model = build_srvar(SRVARConfig(depth=1, width=32), facts)
-    with torch.no_grad():  # a fresh init is near-uniform: make the decode settings matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    vqvae = {"config": vae.model_config(), "state_dict": vae.state_dict(), "extra": {}}
-    save_model_file(
-        root / "runs/srvar/model.pt", kind="srvar", config=model.model_config(),
-        state_dict=model.state_dict(), extra={"vqvae": vqvae, "token_facts": facts.to_dict()},
-    )  # fmt: skip
+    write_tiny_srvar(root, scale=SCALE, patch_nums=PN, jitter=0.3)
     rng = np.random.default_rng(0)
     (root / "bench/HR").mkdir(parents=True)
     (root / "lr").mkdir()
@@ -202,10 +182,10 @@ def test_help_lists_every_command_with_one_line() -> None:
 
 
 def test_training_commands_start_through_the_launcher(tmp_path: Path) -> None:
-    """`arsr train_srvar --params=F` reads F's srvar.train.nproc (1 here: the default 2 would
-    start torchrun) and execs the stage as the DAG does; --help only prints the stage's help."""
+    """`arsr train_srvar --params=F` reads F's resources.train_srvar.nproc (1 here: the default 2
+    would start torchrun) and execs the stage as the DAG does; --help only prints the stage's help."""
     params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"srvar": {"train": {"nproc": 1}}}))
+    params.write_text(yaml.safe_dump({"resources": {"train_srvar": {"nproc": 1}}}))
     proc = _run(["train_srvar", f"--params={params}", "--tokens=none"], tmp_path)
     launch = next(line for line in proc.stderr.splitlines() if line.startswith("launch: "))
     assert launch.endswith(f"-m arsr.stages.train_srvar --params={params} --tokens=none")

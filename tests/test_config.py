@@ -52,9 +52,56 @@ def test_a_bad_key_is_named(raw: dict, names: str) -> None:
 
 
 def test_a_partial_train_section_keeps_the_stage_recipe() -> None:
-    p = parse_params({"mar": {"train": {"max_steps": 30}}, "vqvae": {"train": {"nproc": 1}}})
+    p = parse_params({"mar": {"train": {"max_steps": 30}}, "vqvae": {"train": {"accum": 2}}})
     assert p.mar.train.max_steps == 30 and p.mar.train.grad_clip == 3.0  # MAR's recipe
-    assert p.vqvae.train.max_steps == 200 and p.vqvae.train.nproc == 1  # the tokenizer's
+    assert p.vqvae.train.max_steps == 200 and p.vqvae.train.accum == 2  # the tokenizer's
+    r = parse_params({"resources": {"train_mar": {"nproc": 1}}}).resources
+    assert (r.train_mar.nproc, r.train_mar.workers) == (1, 2)  # MAR's 2 loader workers stay
+
+
+def test_machine_settings_live_in_resources_only() -> None:
+    """nproc, workers, compile and the encoding batch are the machine's: one place each
+    (resources.<stage>), nowhere in the sections stages declare."""
+    from arsr.config import TRAINING_STAGES, stage_param_keys
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(raw["resources"]) == {"shard", "tokenize", *TRAINING_STAGES}
+    science = _flat({k: v for k, v in raw.items() if k != "resources"})
+    assert not [k for k in science if k.rsplit(".", 1)[-1] in ("nproc", "workers", "compile")]
+    assert "tokenize" not in raw  # its only keys were resources
+    every = stage_param_keys(tuple(k for k in Params.model_fields if k != "resources"))
+    assert not [k for k in every if k.startswith("resources")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"resources": {"train_srvar": {"nproc": 3}}},
+            "srvar.train.batch_size: 32 is not divisible by resources.train_srvar.nproc x srvar.train.accum",
+        ),
+        (
+            {"resources": {"train_base": {"nproc": 2}}, "base": {"train": {"accum": 3, "batch_size": 33}}},
+            "base.train.batch_size: 33 is not divisible by resources.train_base.nproc x base.train.accum "
+            "= 2 x 3",
+        ),
+        (
+            {
+                "resources": {"train_mar": {"workers": 8}, "train_srvar": {"nproc": 4}},
+                "data": {"min_shards": 1},
+            },
+            None,
+        ),  # (any ranks x workers read any number of shards: the loader reads samples by offset)
+        ({"resources": {"train_srvar": {"nprocs": 1}}}, "resources.train_srvar.nprocs: unknown key"),
+        ({"srvar": {"train": {"nproc": 1}}}, "srvar.train.nproc: unknown key"),
+    ],
+)
+def test_a_resource_is_checked_with_the_training_it_runs(raw: dict, message: str | None) -> None:
+    if message is None:
+        parse_params(raw)
+        return
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_params(raw)
 
 
 def test_named_configurations_become_dvc_experiment_overrides(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """dvc.yaml tells the truth: each stage's code deps are what its module really imports inside
 src/arsr (the import closure, plus config.py), and its params are the keys of the sections the
-stage module names in ``PARAMS`` (RUNTIME keys left out: ``arsr.config.stage_param_keys``).
+stage module names in ``PARAMS`` (RUNTIME keys left out: ``arsr.config.stage_param_keys``); the check
+stage declares its ``PARAMS`` sections whole: every one but ``resources``.
 
 ``python tests/test_dvc_yaml.py`` prints the deps and params every stage should declare;
 ``--write`` puts them into dvc.yaml (data deps, outs and the header comment are kept).
@@ -71,14 +72,14 @@ def import_closure(name: str) -> set[str]:
 
 def expected(stage: str) -> tuple[list[str], list]:
     """(code deps as paths relative to the repo, params entries) of one dvc.yaml stage: the keys of
-    its ``PARAMS`` sections, or the whole file (``[{"params.yaml": None}]``) for the check stage."""
+    its ``PARAMS`` sections, or those sections whole (``WHOLE_SECTIONS``: the check stage)."""
     from arsr.config import stage_param_keys
 
     name = f"arsr.stages.{stage}"
     files = sorted(str(module_file(m).relative_to(ROOT)) for m in import_closure(name))
     module = importlib.import_module(name)
-    if getattr(module, "WHOLE_PARAMS_FILE", False):
-        return files, [{"params.yaml": None}]
+    if getattr(module, "WHOLE_SECTIONS", False):
+        return files, list(module.PARAMS)
     return files, stage_param_keys(module.PARAMS)
 
 
@@ -103,9 +104,13 @@ def test_dvc_yaml_params_are_the_keys_each_stage_reads() -> None:
 
 
 def test_every_stage_waits_for_the_params_check() -> None:
-    """The check stage (all of params.yaml) runs before any stage whose outputs DVC would delete."""
+    """The check stage (all of params.yaml but the machine's resources) runs before any stage whose
+    outputs DVC would delete."""
+    from arsr.config import Params
+
     stages = dvc_stages()
-    assert stages["check"]["params"] == [{"params.yaml": None}]
+    assert stages["check"]["params"] == [k for k in Params.model_fields if k != "resources"]
+    assert "resources" in Params.model_fields
     (check_out,) = stages["check"]["outs"]
     assert check_out == {"runs/check/params.ok": {"persist": True, "cache": False}}
     for name, spec in stages.items():
@@ -117,6 +122,14 @@ def test_a_logging_key_is_no_stage_param() -> None:
     declared = {k for spec in dvc_stages().values() for k in spec.get("params", []) if isinstance(k, str)}
     assert "srvar.train.log_every" not in declared and "srvar.train.ckpt_every" not in declared
     assert "srvar.train.max_steps" in declared and "srvar.model" in declared
+
+
+def test_no_stage_declares_a_resource() -> None:
+    """Processes, loader workers, encoding batches: no stage (the check neither) depends on them."""
+    declared = [k for spec in dvc_stages().values() for k in spec.get("params", [])]
+    assert all(isinstance(k, str) for k in declared), "a whole-file params entry would include resources"
+    assert not [k for k in declared if k == "resources" or k.startswith("resources.")]
+    assert not [k for k in declared if k.rsplit(".", 1)[-1] in ("nproc", "workers", "compile")]
 
 
 def test_every_written_file_is_a_declared_output() -> None:

@@ -51,7 +51,7 @@ def wandb_in_process():
 
 def make_cfg(**kw) -> TrainConfig:
     base = dict(max_steps=6, batch_size=8, amp="none", base_lr=0.05, warmup_steps=2, grad_clip=1.0,
-                ema=0.9, val_every=3, ckpt_every=100, log_every=2, workers=0)  # fmt: skip
+                ema=0.9, val_every=3, ckpt_every=100, log_every=2)  # fmt: skip
     return TrainConfig(**(base | kw))
 
 

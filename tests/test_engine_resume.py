@@ -1,12 +1,15 @@
 """Exact resume: a run fed by arsr.data.loader (2 workers) is kill -9'ed after a checkpoint at a
 random step and rerun; a changed param starts fresh; the offline W&B files hold what was logged;
-SIGTERM with loader workers running. Every run is tests/engine_worker.py, a tiny training stage.
+SIGTERM with loader workers running; a run stopped on 2 ranks resumes on 1 (and with another
+accum). Every run is tests/engine_worker.py, a tiny training stage.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,8 +176,8 @@ from arsr.train.dist import cleanup, init_distributed
 from arsr.train.engine import Trainer
 
 d = init_distributed()
-cfg = TrainConfig(nproc=d.world_size, max_steps=12, batch_size=4, amp="none", warmup_steps=1, val_every=1000,
-                  ckpt_every=1000, log_every=1000, workers=0, ckpt_minutes=float(sys.argv[3]))
+cfg = TrainConfig(max_steps=12, batch_size=4, amp="none", warmup_steps=1, val_every=1000,
+                  ckpt_every=1000, log_every=1000, ckpt_minutes=float(sys.argv[3]))
 
 
 class SkewedClocks(Trainer):
@@ -214,3 +217,71 @@ def test_ckpt_minutes_checkpoints_before_ckpt_every_on_every_rank(tmp_path: Path
     p = w.launch([sys.executable, str(script), tests, str(tmp_path / "off"), "0"], env=w.launch_env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert saved_steps(p.stdout) == [12]
+
+
+# --------------------------------------------------------------------------------------
+# Resume on another world size / accum: the same data order, the same weights up to rounding
+# --------------------------------------------------------------------------------------
+def plot_rows(run_dir: Path, name: str) -> dict[int, float]:
+    rows = (run_dir / "plots" / f"{name}.tsv").read_text().splitlines()[1:]
+    return {int(r.split("\t")[0]): float(r.split("\t")[1]) for r in rows}
+
+
+def test_resume_on_another_world_size_and_accum_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    """(a) 2 ranks x 2 workers train 16 steps from shards (64 samples, batch 8: two epochs);
+    (b) the same command, its torchrun process group SIGTERMed after the checkpoint at step 8,
+    resumed on 1 rank; (c) that checkpoint resumed on 1 rank with accum 2 and no workers. The loader
+    gives every step the same samples whatever the split, so (b) and (c) end at (a)'s weights up to
+    float rounding (another reduction order), and the logged loss (and, for (b), the mse of a log
+    window cut by the resume, whose sums came from 2 ranks) continues as well."""
+    w.write_shards(tmp_path / "shards")
+    args = ["--steps", "16", "--batch", "8", "--ckpt-every", "8", "--log-every", "5", "--val-every", "8",
+            "--shards", str(tmp_path / "shards"), "--deterministic", "--portable"]  # fmt: skip
+    env = w.launch_env()
+    full = w.launch([*w.torchrun_cmd(2), "--out", str(tmp_path / "full"), *args, "--workers", "2"], env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    cut_cmd = [*w.torchrun_cmd(2), "--out", str(tmp_path / "cut"), *args, "--workers", "2", "--sleep", "0.2"]
+    proc = subprocess.Popen(
+        cut_cmd, cwd=w.ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "saved checkpoint at step 8" in line:
+            os.killpg(proc.pid, signal.SIGTERM)  # as SLURM or a shell does: torchrun's whole group
+            break
+    out += proc.communicate(timeout=90)[0]
+    assert proc.returncode != 0 and "on signal SIGTERM: checkpoint saved" in "".join(out), "".join(out)
+    ckpt = safe_load(tmp_path / "cut" / "run" / "ckpt" / "last.pt")
+    assert 8 < ckpt["step"] < 16 and len(ckpt["rng"]) == len(ckpt["meter"]) == 2
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_accum2")
+
+    one = w.launch([*w.plain_cmd(), "--out", str(tmp_path / "cut"), *args, "--workers", "1"], env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert f"at step {ckpt['step']}" in one.stdout and "reseeding" in one.stdout, one.stdout
+    cmd = [*w.plain_cmd(), "--out", str(tmp_path / "cut_accum2"), *args, "--workers", "0", "--accum", "2"]
+    acc = w.launch(cmd, env=env)
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    assert f"at step {ckpt['step']}" in acc.stdout, acc.stdout
+
+    ref_dir = tmp_path / "full" / "run"
+    ref = load_model_file(ref_dir / "model.pt", "tinynet")["state_dict"]
+    ref_model = weights(ref_dir / "ckpt" / "last.pt")
+    torch.manual_seed(0)  # the worker's initial weights
+    init = w.TinyNet().state_dict()
+    for name in ("cut", "cut_accum2"):
+        run_dir = tmp_path / name / "run"
+        ema = load_model_file(run_dir / "model.pt", "tinynet")
+        model = weights(run_dir / "ckpt" / "last.pt")
+        assert ema["step"] == 16
+        for k in ref:
+            assert not torch.equal(ref_model[k], init[k])  # it did train
+            tol = 1e-5 * max(1.0, ref_model[k].abs().max().item())
+            torch.testing.assert_close(model[k], ref_model[k], rtol=0, atol=tol, msg=f"{name}: {k}")
+            torch.testing.assert_close(ema["state_dict"][k], ref[k], rtol=0, atol=tol, msg=f"{name}: ema {k}")
+        keys = ["loss", "val_mse"] + (["mse"] if name == "cut" else [])
+        for key in keys:
+            got, want = plot_rows(run_dir, key), plot_rows(ref_dir, key)
+            assert got.keys() == want.keys(), (name, key)
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (name, key)

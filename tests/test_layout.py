@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -13,11 +14,38 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject() -> None:
+    """environment.yml (the whole pipeline) = the core dependencies + the [pipeline] extra; the
+    orchestration stack is in the extra only, pinned, and the core stays free of it."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core, pipeline = project["dependencies"], project["optional-dependencies"]["pipeline"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert sorted(p for p in pip if not p.startswith("-e")) == sorted(project["dependencies"])
-    assert any(dep.startswith("dvc==") for dep in project["dependencies"])  # DVC pinned
+    assert sorted(p for p in pip if not p.startswith("-e")) == sorted(core + pipeline)
+    stack = ("dvc", "snakemake", "snakemake-executor-plugin-slurm", "wandb", "webdataset")
+    pins = {dep.split("==")[0]: dep for dep in pipeline if "==" in dep}
+    assert set(stack) <= set(pins), f"unpinned in [pipeline]: {sorted(set(stack) - set(pins))}"
+    assert not [dep for dep in core if dep.split("=")[0].split(">")[0] in stack], core
+
+
+def test_constraints_pin_every_declared_dependency_but_torch() -> None:
+    """requirements/constraints.txt (make setup's ``-c``) pins exact versions of the whole closure,
+    every declared dependency included; torch is the Makefile's (TORCH), not the file's."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [ln for ln in (ROOT / "requirements" / "constraints.txt").read_text().splitlines() if ln.strip()]
+    pins = {}
+    for line in lines:
+        if line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version and " " not in line, f"constraints.txt: not an exact pin: {line!r}"
+        pins[name.lower().replace("_", "-")] = version
+    extras = project["optional-dependencies"].values()
+    declared = [*project["dependencies"], *(dep for deps in extras for dep in deps)]
+    names = {re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].lower().replace("_", "-") for dep in declared}
+    assert "torch" not in pins
+    assert sorted(names - {"torch"} - set(pins)) == []
+    assert "make constraints" in (ROOT / "requirements" / "constraints.txt").read_text()
+    assert "-c $(CONSTRAINTS)" in (ROOT / "Makefile").read_text()
 
 
 def test_layout_files_exist() -> None:

@@ -27,12 +27,12 @@ GONE_WITHIN_S = 10.0
 TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 12,
-             "min_shards": 2, "workers": 1},
+             "min_shards": 2},
     "base": {"model": {"channels": 8, "depth": 3},
-             "train": {"nproc": 2, "workers": 1, "max_steps": 100_000, "batch_size": 4, "warmup_steps": 1,
+             "train": {"max_steps": 100_000, "batch_size": 4, "warmup_steps": 1,
                        "amp": "none", "val_every": 100_000, "log_every": 1, "ckpt_every": 100_000}},
     "vqvae": {"model": {"patch_nums": [1, 2, 3, 4]}},  # the tokenizer's grid must fit 32 px (unused here)
-    "mar": {"train": {"workers": 1}},  # MAR's recipe (2 ranks x 2 workers) would need 4 shards per split
+    "resources": {"shard": {"workers": 1}, "train_base": {"nproc": 2, "workers": 1}},
 }  # fmt: skip
 
 
@@ -136,7 +136,7 @@ def test_one_training_process_dies_with_its_parent(project: Path, reaper: list[P
     folder = project / "plain"
     folder.mkdir()
     reaper.append(folder)
-    params = write_params_file(folder, TINY, **{"base.train.nproc": 1})
+    params = write_params_file(folder, TINY, **{"resources.train_base.nproc": 1})
     parent = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
     launch = [sys.executable, "-m", "arsr.stages.launch", "train_base", "--params", str(params),
               "--shards", str(project / "data" / "shards"), "--out", str(folder / "run")]  # fmt: skip

@@ -28,17 +28,17 @@ PN = [1, 2, 3, 4]
 TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 12,
-             "min_shards": 2, "workers": 1},
+             "min_shards": 2},
     "base": {"model": {"channels": 16, "depth": 4},
-             "train": {"nproc": 1, "workers": 0, "max_steps": 40, "batch_size": 16, "warmup_steps": 3,
+             "train": {"max_steps": 40, "batch_size": 16, "warmup_steps": 3,
                        "amp": "none", "val_every": 40, "log_every": 10, "ckpt_every": 100}},
     "vqvae": {"model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
                         "patch_nums": PN},
               "restart_every": 2,
-              "train": {"nproc": 1, "max_steps": 6, "batch_size": 8, "workers": 0, "warmup_steps": 1,
+              "train": {"max_steps": 6, "batch_size": 8, "warmup_steps": 1,
                         "amp": "none", "val_every": 6, "log_every": 2, "ckpt_every": 100}},
-    "tokenize": {"batch_size": 5, "workers": 1},
-    "mar": {"train": {"workers": 1}},
+    "resources": {"shard": {"workers": 1}, "train_base": {"nproc": 1, "workers": 0},
+                  "train_vqvae": {"nproc": 1, "workers": 0}, "tokenize": {"batch_size": 5, "workers": 1}},
 }  # fmt: skip
 
 

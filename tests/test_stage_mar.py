@@ -42,16 +42,17 @@ STEPS = 4
 TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 6,
-             "min_shards": 2, "workers": 1},
+             "min_shards": 2},
     "vqvae": {"model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
                         "patch_nums": [1, 2, 3, 4]}},
-    "tokenize": {"batch_size": 8, "workers": 1},
     "mar": {"model": {"encoder_dim": 32, "decoder_dim": 32, "encoder_depth": 1, "decoder_depth": 1,
                       "encoder_heads": 2, "decoder_heads": 2, "buffer_size": 4, "diffloss_width": 32,
                       "diffloss_depth": 1, "num_sampling_steps": "ddim4"},
-            "train": {"nproc": 2, "workers": 0, "max_steps": STEPS, "batch_size": 8, "base_lr": 0.01,
+            "train": {"max_steps": STEPS, "batch_size": 8, "base_lr": 0.01,
                       "warmup_steps": 0, "val_every": 2, "log_every": 2, "ckpt_every": 100}},
     "eval": {"mar": {"num_iter": 2}},
+    "resources": {"shard": {"workers": 1}, "tokenize": {"batch_size": 8, "workers": 1},
+                  "train_mar": {"nproc": 2, "workers": 0}},
 }  # fmt: skip
 
 
@@ -108,7 +109,7 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def proj_residual(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The stage in one process (W&B off) on the tokens of a residual tokenizer."""
     root = tmp_path_factory.mktemp("mar_residual")
-    params = write_params(root, **{"mar.train.nproc": 1})
+    params = write_params(root, **{"resources.train_mar.nproc": 1})
     run_shard(str(params), str(root / "shards"), str(root / "runs"))
     make_tokens(root, params, residual=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -387,7 +388,7 @@ def test_labelled_shards_train_a_class_conditional_model(tmp_path: Path, monkeyp
     params = write_params(
         tmp_path,
         **{"data.source": str(tmp_path / "src"), "data.labels": "folder",
-           "data.val_fraction": 0.34, "mar.train.nproc": 1, "mar.train.max_steps": 8},
+           "data.val_fraction": 0.34, "resources.train_mar.nproc": 1, "mar.train.max_steps": 8},
     )  # fmt: skip
     run_shard(str(params), str(tmp_path / "shards"), str(tmp_path / "runs"))
     make_tokens(tmp_path, params)

@@ -48,15 +48,15 @@ STEPS = 4
 TINY = {
     "seed": 0,
     "data": {"source": "builtin", "hr_size": 32, "scale": 4, "crop_stride": 32, "max_crops_per_image": 6,
-             "min_shards": 2, "workers": 1},
+             "min_shards": 2},
     "vqvae": {"model": {"ch": 16, "ch_mult": [1, 2, 2, 4], "vocab_size": 64, "z_channels": 8,
                         "patch_nums": PN}},
-    "tokenize": {"batch_size": 16, "workers": 1},
     "srvar": {"model": {"depth": 1, "width": 32, "refiner": True, "refiner_width": 16, "refiner_depth": 1,
                         "refiner_steps": "4"},
-              "train": {"nproc": 2, "workers": 1, "max_steps": STEPS, "batch_size": 4, "base_lr": 0.05,
+              "train": {"max_steps": STEPS, "batch_size": 4, "base_lr": 0.05,
                         "warmup_steps": 0, "val_every": 2, "log_every": 1, "ckpt_every": 100}},
-    "mar": {"train": {"workers": 1}},  # MAR's recipe (2 ranks x 2 workers) would need 4 shards per split
+    "resources": {"shard": {"workers": 1}, "tokenize": {"batch_size": 16, "workers": 1},
+                  "train_srvar": {"nproc": 2, "workers": 1}},
 }  # fmt: skip
 
 
@@ -298,7 +298,7 @@ def proj_residual(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (one process)."""
     root = tmp_path_factory.mktemp("srvar_residual")
     tiny = json.loads(json.dumps(TINY))
-    tiny["srvar"]["train"]["nproc"] = 1
+    tiny["resources"]["train_srvar"]["nproc"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(tiny))
     params = load_params(root / "params.yaml")
     run_shard(str(root / "params.yaml"), str(root / "data/shards"), str(root / "runs"))

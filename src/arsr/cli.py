@@ -1,8 +1,8 @@
 """The `arsr` command: one sub-command per module of ``arsr.stages`` (each DAG stage, plus the
 ``upscale`` tool); ``arsr <command> --help`` describes each.
 
-A training command (``train_<section>``, whose params section has ``train.nproc``) starts as the DAG
-starts it: ``python -m arsr.stages.launch <command> ...`` (torchrun with ``<section>.train.nproc``
+A training command (``train_<section>``, whose params section has a ``train`` subsection) starts as
+the DAG starts it: ``python -m arsr.stages.launch <command> ...`` (torchrun with ``resources.<command>.nproc``
 ranks, srun inside SLURM); ``arsr <command> --help`` only prints the stage's help.
 """
 

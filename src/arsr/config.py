@@ -1,17 +1,19 @@
 """The one schema of params.yaml.
 
 Every stage loads params through :func:`load_params` and then reads only the sections its
-``PARAMS`` names. The schema's defaults are params.yaml's values (tests/test_config.py keeps
-them equal); each model's hyperparameters are the dataclass next to the model
-(``vqvae.model`` = :class:`arsr.models.vqvae.VQVAEConfig`, ...), reused here as its subsection.
-Unknown keys, wrong types and inconsistent values fail with :class:`ConfigError`, whose message
-names the key path and the reason, e.g.
-``data.hr_size: 60 is not a multiple of the tokenizer downsample 8``.
+``PARAMS`` names, plus its own ``resources.<stage>`` (how it uses the machine: declared by no
+stage, hashed by nothing, overridable from the environment; see :class:`Resources`). The schema's
+defaults are params.yaml's values (tests/test_config.py keeps them equal); each model's
+hyperparameters are the dataclass next to the model (``vqvae.model`` =
+:class:`arsr.models.vqvae.VQVAEConfig`, ...), reused here as its subsection. Unknown keys, wrong
+types and inconsistent values fail with :class:`ConfigError`, whose message names the key path and
+the reason, e.g. ``data.hr_size: 60 is not a multiple of the tokenizer downsample 8``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -53,8 +55,9 @@ RUNTIME: dict[str, Any] = {"runtime": True}
 # Training (one type, used as its own subsection by every training stage)
 # --------------------------------------------------------------------------------------
 class TrainConfig(Section):
-    nproc: int = Field(2, ge=1, description="processes per node (torchrun --nproc-per-node)")
-    workers: int = Field(1, ge=0, description="data-loader workers per rank")
+    """A training stage's recipe. How many processes run it and how (ranks, loader workers,
+    torch.compile) is the machine's business: ``resources.train_<section>`` (:class:`TrainResources`)."""
+
     max_steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="global batch (all ranks, all accum micro-steps)")
     accum: int = Field(1, ge=1, description="gradient-accumulation micro-steps per optimizer step")
@@ -76,13 +79,12 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, json_schema_extra=RUNTIME)
     max_bad_steps: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
     deterministic: bool = False
-    compile: bool = Field(False, description="torch.compile the training forward (GPU; minutes to build)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        per_step = self.nproc * self.accum
-        if self.batch_size % per_step:
-            _fail("batch_size", self.batch_size, f"is not divisible by nproc x accum = {per_step}")
+        # (nproc x accum, with the ranks from resources: Params._cross_section)
+        if self.batch_size % self.accum:
+            _fail("batch_size", self.batch_size, f"is not divisible by accum = {self.accum}")
         if self.amp == "fp16":
             import torch
 
@@ -93,14 +95,19 @@ class TrainConfig(Section):
         return self
 
 
-def train_field(**recipe: Any) -> Any:
-    """A stage's ``train`` subsection: TrainConfig with this stage's recipe as its defaults, so a
-    partial ``<stage>.train`` in params.yaml keeps the rest of the recipe."""
+def recipe_field(model: type[Section], **recipe: Any) -> Any:
+    """A subsection of type ``model`` with this stage's ``recipe`` as its defaults, so a partial
+    subsection in params.yaml keeps the rest of the recipe (``Annotated[model, *recipe_field(...)]``)."""
 
     def merge(v: Any) -> Any:
         return {**recipe, **v} if isinstance(v, dict) else v
 
-    return Field(default_factory=lambda: TrainConfig(**recipe)), BeforeValidator(merge)
+    return Field(default_factory=lambda: model(**recipe)), BeforeValidator(merge)
+
+
+def train_field(**recipe: Any) -> Any:
+    """A stage's ``train`` subsection: TrainConfig with this stage's recipe as its defaults."""
+    return recipe_field(TrainConfig, **recipe)
 
 
 # --------------------------------------------------------------------------------------
@@ -114,9 +121,9 @@ class DataConfig(Section):
     crop_stride: int = Field(48, ge=1, description="grid step between crops")
     max_crops_per_image: int = Field(0, ge=0, description="0 = every grid crop")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of source images held out")
-    min_shards: int = Field(4, ge=1, description="shards per split at least (>= nproc x workers)")
+    # (A training loader reads samples by offset: any ranks x workers work with any shard count.)
+    min_shards: int = Field(4, ge=1, description="shards per split at least")
     samples_per_shard: int = Field(1000, ge=1)
-    workers: int = Field(2, ge=1, description="processes that decode/crop/resize", json_schema_extra=RUNTIME)
     max_image_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb limit (Pillow's default)")
 
     @model_validator(mode="after")
@@ -168,11 +175,6 @@ class VQVAESection(Section):
         return self
 
 
-class TokenizeConfig(Section):
-    batch_size: int = Field(64, ge=1)
-    workers: int = Field(2, ge=1, description="processes encoding shards", json_schema_extra=RUNTIME)
-
-
 class SRVARSection(Section):
     model: SRVARConfig = Field(default_factory=SRVARConfig)
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="training CE only")
@@ -182,8 +184,7 @@ class SRVARSection(Section):
 
 
 _MAR_TRAIN = dict(
-    workers=2, max_steps=200, base_lr=0.03, weight_decay=0.02, grad_clip=3.0, ema=0.999, val_every=50,
-    ckpt_every=50,
+    max_steps=200, base_lr=0.03, weight_decay=0.02, grad_clip=3.0, ema=0.999, val_every=50, ckpt_every=50,
 )  # fmt: skip
 
 
@@ -214,15 +215,52 @@ class EvalConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------
+# Resources: how a stage uses the machine, never what it computes
+# --------------------------------------------------------------------------------------
+# `resources.<dvc.yaml stage>`. No stage declares these keys (dvc.yaml), no checkpoint fingerprint or
+# W&B run name hashes them and the check stage leaves the section out, so going from 2 CPU ranks to
+# 4 GPUs reruns nothing (`dvc exp run -S resources.train_srvar.nproc=4`) and a stopped training run
+# resumes. ARSR_RESOURCES__<STAGE>__<KEY>=value (e.g. ARSR_RESOURCES__TRAIN_SRVAR__NPROC=4) overrides
+# a key from the environment (:func:`load_params`), which is how Snakemake passes a rule's
+# `set-resources` on.
+class TrainResources(Section):
+    nproc: int = Field(
+        2, ge=1, description="processes per node (torchrun --nproc-per-node; on a GPU machine: its GPUs)"
+    )
+    workers: int = Field(1, ge=0, description="data-loader processes per rank")
+    compile: bool = Field(
+        False, description="torch.compile the training step (a GPU gains; minutes to build)"
+    )
+
+
+class ShardResources(Section):
+    workers: int = Field(2, ge=1, description="processes that decode, crop and resize (at most the CPUs)")
+
+
+class TokenizeResources(Section):
+    batch_size: int = Field(64, ge=1, description="crops encoded together (the bytes do not depend on it)")
+    workers: int = Field(2, ge=1, description="processes, each encoding whole shards (at most the CPUs)")
+
+
+class Resources(Section):
+    shard: ShardResources = Field(default_factory=ShardResources)
+    train_base: TrainResources = Field(default_factory=TrainResources)
+    train_vqvae: TrainResources = Field(default_factory=TrainResources)
+    tokenize: TokenizeResources = Field(default_factory=TokenizeResources)
+    train_srvar: TrainResources = Field(default_factory=TrainResources)
+    train_mar: Annotated[TrainResources, *recipe_field(TrainResources, workers=2)]
+
+
 class Params(Section):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     base: BaseSection = Field(default_factory=BaseSection)
     vqvae: VQVAESection = Field(default_factory=VQVAESection)
-    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     srvar: SRVARSection = Field(default_factory=SRVARSection)
     mar: MARSection = Field(default_factory=MARSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Params:
@@ -242,13 +280,14 @@ class Params(Section):
             raise ValueError(
                 f"mar.model.patch_size: {self.mar.model.patch_size} does not divide the latent grid {grid}"
             )
-        for name in ("base", "vqvae", "srvar", "mar"):
+        for stage, name in TRAINING_STAGES.items():
             train: TrainConfig = getattr(self, name).train
-            need = train.nproc * max(1, train.workers)
-            if self.data.min_shards < need:
+            res: TrainResources = getattr(self.resources, stage)
+            if train.batch_size % (res.nproc * train.accum):
                 raise ValueError(
-                    f"data.min_shards: {self.data.min_shards} is below {name}.train.nproc x workers = {need} "
-                    "(every worker of every rank needs a shard; fewer hangs DDP)"
+                    f"{name}.train.batch_size: {train.batch_size} is not divisible by "
+                    f"resources.{stage}.nproc x {name}.train.accum = {res.nproc} x {train.accum} (the batch "
+                    "is global: the same training on any number of ranks)"
                 )
         lr = self.data.hr_size // self.data.scale
         if lr < 4:
@@ -256,6 +295,15 @@ class Params(Section):
                 f"data.hr_size: {self.data.hr_size} / scale {self.data.scale} leaves a {lr}px LR"
             )
         return self
+
+
+# A training stage is `train_<section>`, for each section with a `train` subsection; its resources
+# are `resources.train_<section>` (a test keeps the two lists equal).
+TRAINING_STAGES: dict[str, str] = {
+    f"train_{name}": name
+    for name, field in Params.model_fields.items()
+    if "train" in getattr(field.annotation, "model_fields", {})
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -338,8 +386,54 @@ def missing_keys(raw: dict[str, Any] | None, keys: Iterable[str]) -> list[str]:
     return out
 
 
-def load_params(path: str | Path = PARAMS_FILE, required: dict[str, str] | None = None) -> Params:
-    """Read and validate params.yaml.
+# ARSR_RESOURCES__<STAGE>__<KEY>=value sets resources.<stage>.<key> (see Resources).
+RESOURCES_ENV_PREFIX = "ARSR_RESOURCES__"
+
+
+def resource_overrides(env: Mapping[str, str] | None = None) -> dict[str, tuple[str, str, Any]]:
+    """``{"resources.<stage>.<key>": (variable, text, value)}`` of the ``ARSR_RESOURCES__<STAGE>__<KEY>``
+    variables in ``env`` (default: this process's), each value read as YAML (``4``, ``true``)."""
+    env = os.environ if env is None else env
+    out: dict[str, tuple[str, str, Any]] = {}
+    for var in sorted(env):
+        if not var.startswith(RESOURCES_ENV_PREFIX):
+            continue
+        parts = var.removeprefix(RESOURCES_ENV_PREFIX).lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"${var}: expected {RESOURCES_ENV_PREFIX}<STAGE>__<KEY>, e.g. "
+                f"{RESOURCES_ENV_PREFIX}TRAIN_SRVAR__NPROC=4 (sets resources.train_srvar.nproc)"
+            )
+        text = env[var]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        out[f"resources.{parts[0]}.{parts[1]}"] = (var, text, value)
+    return out
+
+
+def _with_overrides(raw: dict[str, Any] | None, overrides: dict[str, tuple[str, str, Any]]) -> dict[str, Any]:
+    tree: dict[str, Any] = dict(raw or {})
+    for key, (var, _text, value) in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:  # copied on the way down: the file's own mapping stays as read
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"${var}: {key}: {part} is not a section in the parameters file")
+            node[part] = node = dict(child)
+        node[leaf] = value
+    return tree
+
+
+def load_params(
+    path: str | Path = PARAMS_FILE,
+    required: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Params:
+    """Read and validate params.yaml, with the ``ARSR_RESOURCES__<STAGE>__<KEY>`` variables of ``env``
+    (default: this process's environment) applied; an error in one names the variable.
 
     ``required`` maps keys that must be *in the file* to who reads them (``{"srvar.model":
     "dvc.yaml stage train_srvar"}``): DVC takes a stage's declared params from the file itself, not
@@ -354,7 +448,24 @@ def load_params(path: str | Path = PARAMS_FILE, required: dict[str, str] | None 
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    params = parse_params(raw, str(path))
+    overrides = resource_overrides(env)
+    try:
+        params = parse_params(_with_overrides(raw, overrides), str(path))
+    except ConfigError as err:
+        if not overrides:
+            raise
+        # Name the variable on each line about a key it set (also a cross-section rule's line).
+        lines = str(err).splitlines()
+        for i, line in enumerate(lines[1:], 1):
+            path = line.strip().split(":", 1)[0]  # the key the line is about (unknown: a prefix)
+            named = [
+                f"${var}={text}"
+                for key, (var, text, _) in overrides.items()
+                if key in line or key.startswith(f"{path}.")
+            ]
+            if named:
+                lines[i] = f"{line} (set by {', '.join(named)} in the environment)"
+        raise ConfigError("\n".join(lines)) from None
     absent = missing_keys(raw, required or {})
     if absent:
         lines = [f"  {key}: missing ({required[key]} reads it)" for key in absent]  # type: ignore[index]
@@ -383,20 +494,26 @@ def tool_eval_config(
 
 
 __all__ = [
+    "RESOURCES_ENV_PREFIX",
     "RUNTIME",
+    "TRAINING_STAGES",
     "BaseSection",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
     "MARSection",
     "Params",
+    "Resources",
     "SRVARSection",
-    "TokenizeConfig",
+    "ShardResources",
+    "TokenizeResources",
     "TrainConfig",
+    "TrainResources",
     "VQVAESection",
     "load_params",
     "missing_keys",
     "parse_params",
+    "resource_overrides",
     "stage_param_keys",
     "stage_param_values",
     "tool_eval_config",

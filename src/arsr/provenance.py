@@ -8,11 +8,12 @@ prints it next to the numbers. No arsr imports here: every layer may use it.
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 from functools import cache
 from typing import Any
+
+from arsr.proc import usable_cpus
 
 
 def _cpu_model() -> tuple[str, set[str]]:
@@ -48,7 +49,7 @@ def machine_info() -> dict[str, Any]:
 
     model, flags = _cpu_model()
     bf16 = "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()  # (affinity, SLURM, cgroup quota, a runner's share)
     head = _git("rev-parse", "--short=10", "HEAD")
     commit = head.stdout.strip() if head is not None and head.returncode == 0 else None
     modified = None

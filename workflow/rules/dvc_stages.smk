@@ -5,11 +5,19 @@
 # - outputs: its outs, except `persist: true` folders (checkpoint folders must survive a
 #   rerun; Snakemake deletes declared outputs before running a job);
 # - params: the resolved values (schema defaults included) of the stage's keys, so Snakemake's params
-#   trigger reruns a stage when (and only when) one of *its* keys changes;
-# - threads: a training stage claims one core per process it starts, `nproc x (1 + workers)` of
-#   its `<section>.train` (ranks and their loader processes), capped by Snakemake at --cores; so a
-#   plain `snakemake --cores 2` trains one model at a time and `--cores 8` may train two (tiny
-#   loaders). Other stages take 1. Cluster resources stay in the profile (workflow/profiles/slurm).
+#   trigger reruns a stage when (and only when) one of *its* keys changes (the check's sections are
+#   left out: this file validates params.yaml at parse time, and a rerun check would only give every
+#   stage a newer input);
+# - resources: the stage's `resources.<stage>` keys (params.yaml, or ARSR_RESOURCES__* in
+#   Snakemake's environment), which a profile's or the command line's `set-resources` overrides per
+#   rule (`set-resources: {train_srvar: {nproc: 4}}`); the command gets them as
+#   ARSR_RESOURCES__<STAGE>__<KEY> (booleans as 0/1) and ARSR_CPUS={threads}, so the stage runs
+#   with them and shares its cores among its processes (arsr.proc). Not params: nothing reruns;
+# - threads: a stage claims one core per process it starts: a training stage `nproc x (1 + workers)`
+#   (ranks and their loader processes), shard and tokenize their `workers`, evaluate the CPUs it
+#   may use, others 1; capped by Snakemake at --cores, so a plain `snakemake --cores 2` trains one
+#   model at a time and `--cores 8` may train two (tiny loaders). Cluster resources stay in the
+#   profile (workflow/profiles/slurm).
 #
 # Outputs that Snakemake did not build (`dvc repro`, `dvc checkout`, `dvc commit`, a copy) follow
 # dvc.lock. Snakemake always compares mtimes (Snakemake 9 cannot turn that trigger off) and has
@@ -41,7 +49,10 @@ from base64 import urlsafe_b64encode
 
 from dvc.repo import Repo, lock_repo
 
-from arsr.config import load_params
+from arsr.config import RESOURCES_ENV_PREFIX, load_params
+from arsr.proc import CPUS_ENV, usable_cpus
+
+CHECK_STAGE = "check"  # its params: see the header
 
 
 def _lookup(tree, dotted):
@@ -50,13 +61,37 @@ def _lookup(tree, dotted):
     return tree
 
 
-def _threads(keys, params):
-    """Cores a stage occupies: a training stage's processes (ranks x (1 + loader workers))."""
-    for key in keys:
-        if key.endswith(".train.nproc"):
-            train = _lookup(params, key.rsplit(".", 1)[0])
-            return max(1, int(train["nproc"]) * (1 + int(train.get("workers", 0))))
-    return 1
+def _stage_resources(name, params):
+    """The rule's resources: its `resources.<stage>` keys (booleans as 0/1: Snakemake's are numbers)."""
+    return {k: int(v) if isinstance(v, bool) else v for k, v in params["resources"].get(name, {}).items()}
+
+
+def _set_resources(name):
+    """The `set-resources` of this rule ({} when this Snakemake keeps them elsewhere: only the
+    thread count below reads them, the command gets the final values from Snakemake itself)."""
+    try:
+        over = workflow.resource_settings.overwrite_resources.get(name) or {}
+        return {k: getattr(v, "value", v) for k, v in over.items()}
+    except AttributeError:
+        return {}
+
+
+def _threads(name, resources):
+    """Cores a stage occupies: the processes it starts (see the header)."""
+    res = {**resources, **_set_resources(name)}
+    if "nproc" in res:
+        return max(1, int(res["nproc"]) * (1 + int(res.get("workers", 0))))
+    if "workers" in res:
+        return max(1, int(res["workers"]))
+    return usable_cpus() if name == "evaluate" else 1
+
+
+def _shell(name, resources):
+    """The rule's shell template: the stage's command (params.cmd, so a changed dvc.yaml command is a
+    params change) after its resources (final values: set-resources applied) and cores. Constant
+    per stage, so Snakemake's code trigger does not fire when a resource changes."""
+    env = [f"{RESOURCES_ENV_PREFIX}{name.upper()}__{k.upper()}={{resources.{k}}}" for k in resources]
+    return " ".join([*env, f"{CPUS_ENV}={{threads}}", "{params.cmd}"])
 
 
 def _dvc_rules(repo, root="."):
@@ -72,7 +107,7 @@ def _dvc_rules(repo, root="."):
         deps, keys = [], []
         for d in s.deps:
             if hasattr(d, "params"):
-                keys += list(d.params)
+                keys += list(d.params) if s.name != CHECK_STAGE else []
             else:
                 deps.append(os.path.relpath(d.fs_path, root))
         outs = []
@@ -83,7 +118,9 @@ def _dvc_rules(repo, root="."):
             outs.append((path, os.path.isdir(path) or not os.path.splitext(path)[1]))
         values = {k: _lookup(params, k) for k in sorted(keys)}
         cmd = s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd)
-        yield s.name.replace("@", "__"), deps, outs, values, cmd, _threads(keys, params), s
+        name = s.name.replace("@", "__")
+        res = _stage_resources(name, params)
+        yield name, deps, outs, values, cmd, _threads(name, res), s, res
 
 
 # --- outputs not built by Snakemake follow dvc.lock (see the header) ------------------------
@@ -161,8 +198,8 @@ def _dvc_changed(stage):
     if stage.changed_stage():
         return True
     for dep in stage.deps:
-        if hasattr(dep, "params") and not dep.params:
-            continue  # a whole-file params dep (the check's): the rule has no params for it
+        if hasattr(dep, "params") and (not dep.params or stage.name == CHECK_STAGE):
+            continue  # the check's sections (or a whole-file params dep): the rule has no params for them
         if dep.status():
             return True
     return stage.changed_outs(allow_missing=False)
@@ -185,7 +222,7 @@ def _sync_mtimes_with_dvc(repo, rules):
     rerun, fixed, forced = set(), [], []
     now = time.time_ns()
     with lock_repo(repo):
-        for name, deps, outs, _values, _cmd, _threads_, stage in order:
+        for name, deps, outs, _values, _cmd, _threads_, stage, _res in order:
             paths = [p for p, _ in outs]
             if upstream[name] & rerun or not all(os.path.lexists(p) for p in paths):
                 rerun.add(name)  # Snakemake reruns it whatever its mtimes say
@@ -238,7 +275,7 @@ with Repo(".") as _repo:
             print(f"dvc_stages.smk: mtimes follow dvc.lock: {_msg} "
                   f"[{time.perf_counter() - _t0:.2f} s]", file=sys.stderr)
 
-for _name, _deps, _outs, _values, _cmd, _nthreads, _stage in DVC_RULES:
+for _name, _deps, _outs, _values, _cmd, _nthreads, _stage, _res in DVC_RULES:
     rule:
         name: _name
         input: _deps
@@ -247,4 +284,5 @@ for _name, _deps, _outs, _values, _cmd, _nthreads, _stage in DVC_RULES:
             values=json.dumps(_values, sort_keys=True),
             cmd=_cmd,
         threads: _nthreads
-        shell: "{params.cmd}"
+        resources: **_res
+        shell: _shell(_name, _res)

@@ -1,35 +1,48 @@
 """WebDataset loaders for training and evaluation (DESIGN §3).
 
-Training: an infinite stream in which the micro-batch at index ``k`` (counting from 0
-over the whole run) is a pure function of ``(seed, rank, k)``. That is what makes
-resume exact: ``train_loader(..., start_step=k)`` yields exactly the batches an
-uninterrupted run would have yielded from ``k`` on, without drawing 0..k-1.
+Training: one global sample order, the same for any number of ranks, workers and accumulation
+micro-steps. The samples of the *global* batch of optimizer step ``k`` are a function of
+``(seed, k)`` alone (and the data); ranks, workers and ``accum`` only change who reads and decodes
+which of them. That is also what makes resume exact, at any world size:
+``train_loader(..., start_step=j)`` yields exactly the micro-batches an uninterrupted run would
+have yielded from micro-step ``j`` on, without reading 0..j-1.
 
-How: shards are split by node (``urls[rank::world]``, webdataset's ``split_by_node``)
-and then by worker (``[w::workers]``, ``split_by_worker``), with rank and worker passed
-explicitly so a test can play several ranks in one process. PyTorch's DataLoader hands
-out batches from its workers round-robin, so micro-batch ``k`` always comes from the
-*logical* worker ``k % workers``; after a resume at ``k0`` the physical worker ``w``
-plays logical worker ``(k0 + w) % workers``. Each logical worker reads its shards in a
-seeded order per epoch, shuffles samples through a seeded buffer that is flushed at
-every epoch end, and skips whole epochs (by count) and then single raw samples (before
-decoding) to reach its first batch.
+How: every train sample of every shard is one entry of a global index, ``(shard, byte span)``,
+built once per process from the tar headers alone (:func:`tar_index`, cached like
+:func:`count_samples`). Epoch ``e`` is a seeded permutation ``(seed, e)`` of all ``N`` samples
+(global shuffling: a batch mixes every shard), and the infinite sample sequence is epoch 0, epoch 1,
+... concatenated; position ``p`` is sample ``perm_{p // N}[p % N]``. With ``W`` ranks and ``m``
+samples per rank per micro-step, micro-step ``j`` covers positions ``[j*W*m, (j+1)*W*m)`` and rank
+``r`` takes the ``r``-th ``m`` of them. An optimizer step of ``accum`` micro-steps therefore covers
+positions ``[k*B, (k+1)*B)`` with ``B = accum*W*m`` the global batch, whatever ``W``, ``accum`` and
+``m``: the rank/micro-step split is micro-step-major (micro-step ``a`` of every rank, then ``a+1``),
+which, unlike a rank-major split, needs no ``accum`` here, and which of the B samples a rank sees
+in which micro-step does not change the step's mean gradient.
+
+The loader is a map-style dataset whose index is the micro-step: the DataLoader hands micro-step
+``j`` to one of its workers (round-robin) and returns them in order; that worker reads exactly
+those samples by offset (one ``pread`` of the sample's span per sample; each worker keeps its own
+file handles) and decodes them. So no worker needs a shard of its own (any world size x workers
+works, even with one shard), and a resume at ``j`` starts reading at ``j``.
 
 Evaluation: ordered, no shuffling, each sample exactly once across ranks and workers
-(the last batch of a worker may be short).
+(shards split by rank, then by worker; the last batch of a worker may be short).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import tarfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -37,8 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from arsr.data.shards import decode_png
@@ -46,8 +58,6 @@ from arsr.proc import die_with_parent
 
 Sample = dict[str, Any]
 Decode = Callable[[Sample], Sample]
-
-SHUFFLE_BUFFER = 512
 
 
 # --------------------------------------------------------------------------------------
@@ -112,60 +122,216 @@ def count_samples(url: str) -> int:
 
 
 def _raw_samples(urls: Iterable[str]) -> Iterator[Sample]:
+    import webdataset as wds  # the [pipeline] extra: the core (`arsr upscale`) imports this module
+
     yield from wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples())
+
+
+# --------------------------------------------------------------------------------------
+# Tar index: samples by byte offset, from the headers alone
+# --------------------------------------------------------------------------------------
+_BLOCK = 512  # tar header and data-padding unit
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: names it never yields
+
+
+def _tar_number(field: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 (first byte 0x80) for large values."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """A pax extended header's ``"<len> <key>=<value>\\n"`` records."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _tar_entries(
+    read: Callable[[int, int], bytes], start: int, end: int, url: str
+) -> Iterator[tuple[int, str, int, int]]:
+    """The regular files whose headers lie in ``[start, end)`` of a tar, as ``(first header byte,
+    name, data offset, size)``; ``read(offset, n)`` gives the bytes. A pax (``x``) or GNU long-name
+    (``L``) entry renames or resizes the entry after it (the first header byte is then the pax
+    entry's); other entries (directories, links, global pax headers) are skipped, as webdataset
+    does. Python's tarfile does the same at ~330 us per 4-member sample of pax headers; reading
+    and parsing the sample here takes ~55 us."""
+    pos, head, override = start, -1, {}
+    while pos + _BLOCK <= end:
+        hdr = read(pos, _BLOCK)
+        if len(hdr) < _BLOCK or not any(hdr):  # end-of-archive (zero block) or a truncated tail
+            return
+        stored = _tar_number(hdr[148:156])
+        unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32  # the checksum field counts as spaces
+        if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in hdr[:148] + hdr[156:]):
+            raise ValueError(f"{url}: bad tar header checksum at byte {pos}")
+        kind, size = hdr[156:157], _tar_number(hdr[124:136])
+        head = pos if head < 0 else head
+        data = pos + _BLOCK
+        if kind in (b"x", b"L"):
+            payload = read(data, size)
+            if kind == b"x":
+                override.update(_pax_records(payload))
+            else:
+                override["path"] = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind != b"g":
+            size = int(override.get("size", size))
+            name = override.get("path")
+            if name is None:
+                name_b = hdr[0:100].split(b"\0", 1)[0]
+                prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:263] == b"ustar\0" else b""
+                name = ((prefix + b"/" + name_b) if prefix else name_b).decode("utf-8", "surrogateescape")
+            if kind in _REGULAR and not name.endswith("/"):  # old-style "regular" + "/" is a folder
+                yield head, name, data, size
+            head, override = -1, {}
+        pos = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _member_key(name: str) -> tuple[str | None, str | None]:
+    """(sample key, lower-cased suffix) as webdataset groups members; (None, None) if skipped."""
+    from webdataset.tariterators import base_plus_ext  # the [pipeline] extra (see _raw_samples)
+
+    if _SKIP_META.match(name):
+        return None, None
+    key, suffix = base_plus_ext(name)
+    return (key, suffix.lower()) if key is not None else (None, None)
+
+
+@lru_cache(maxsize=4096)
+def _tar_index(url: str, size: int, mtime_ns: int) -> np.ndarray:
+    spans: list[tuple[int, int]] = []
+    fd = os.open(url, os.O_RDONLY)
+    try:
+        current = None
+        for head, name, data, n in _tar_entries(lambda o, k: os.pread(fd, k, o), 0, size, url):
+            key, _ = _member_key(name)
+            if key is None:
+                continue
+            end = data + (n + _BLOCK - 1) // _BLOCK * _BLOCK
+            if key == current:  # consecutive members with one key are one sample (webdataset's rule)
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((head, end))
+                current = key
+    finally:
+        os.close(fd)
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def tar_index(url: str) -> np.ndarray:
+    """int64 [n, 2]: the byte span ``[start, end)`` of each of the tar's n samples, in file order
+    (from the headers only; cached per process while the file's size and mtime stay the same)."""
+    st = os.stat(url)
+    return _tar_index(url, st.st_size, st.st_mtime_ns)
+
+
+class TarSamples:
+    """All samples of a list of tars, addressable by a global index (tars in the given order, each
+    in file order), read by offset. Picklable: file handles are per process (per worker), opened
+    on first use; at most ``MAX_OPEN`` stay open."""
+
+    MAX_OPEN = 64
+
+    def __init__(self, urls: list[str]):
+        self.urls = list(urls)
+        index = [tar_index(u) for u in self.urls]
+        self.shard_of = np.repeat(np.arange(len(index), dtype=np.int32), [len(i) for i in index])  # [N]
+        self.spans = np.concatenate(index) if index else np.zeros((0, 2), np.int64)  # [N, 2]
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fds": OrderedDict()}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(Exception):  # also at interpreter exit, when os may be gone
+                os.close(fd)
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= self.MAX_OPEN:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(self.urls[shard], os.O_RDONLY)
+        self._fds[shard] = fd  # most recently used last
+        return fd
+
+    def raw(self, i: int) -> Sample:
+        """Sample ``i`` as webdataset gives it: ``{"__key__", "__url__", suffix: bytes, ...}``."""
+        shard, (start, end) = int(self.shard_of[i]), self.spans[i].tolist()
+        # pread: no shared file offset, so a worker forked with open handles reads safely.
+        buf = os.pread(self._fd(shard), end - start, start)
+        url = self.urls[shard]
+        sample: Sample = {"__url__": url}
+        for _, name, data, n in _tar_entries(lambda o, k: buf[o - start : o - start + k], start, end, url):
+            key, suffix = _member_key(name)
+            if key is not None:
+                sample["__key__"] = key
+                sample[suffix] = buf[data - start : data - start + n]
+        return sample
 
 
 # --------------------------------------------------------------------------------------
 # Training stream
 # --------------------------------------------------------------------------------------
-class _TrainStream(IterableDataset):
+class _TrainMicroBatches(Dataset):
+    """Item ``j``: this rank's micro-batch of micro-step ``j`` (collated), see the module docstring."""
+
     def __init__(
-        self,
-        urls: list[str],
-        decode: Decode,
-        micro_batch: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        start_step: int,
+        self, urls: list[str], decode: Decode, micro_batch: int, seed: int, rank: int, world_size: int
     ):
         super().__init__()
-        self.node_urls = split_by_node(urls, rank, world_size)
-        self.decode, self.micro_batch = decode, micro_batch
-        self.seed, self.rank, self.num_workers, self.start_step = seed, rank, max(1, num_workers), start_step
+        self.samples = TarSamples(urls)
+        if not len(self.samples):
+            raise ValueError(f"no samples in the {len(urls)} training shard(s) {urls[:3]}")
+        self.decode, self.micro_batch, self.seed = decode, micro_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self._perms: dict[int, np.ndarray] = {}
 
-    def _epoch_samples(self, urls: list[str], logical: int, epoch: int) -> Iterator[Sample]:
-        rng = np.random.default_rng([self.seed, self.rank, logical, epoch])
-        order = [urls[i] for i in rng.permutation(len(urls))]
-        buf: list[Sample] = []
-        for sample in _raw_samples(order):
-            if len(buf) < SHUFFLE_BUFFER:
-                buf.append(sample)
-                continue
-            j = int(rng.integers(len(buf)))
-            buf[j], sample = sample, buf[j]
-            yield sample
-        rng.shuffle(buf)  # flush: epochs never mix, so whole epochs can be skipped by count
-        yield from buf
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_perms": {}}
 
-    def __iter__(self) -> Iterator[Sample]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        logical = (self.start_step + worker) % self.num_workers
-        urls = split_by_worker(self.node_urls, logical, self.num_workers)
-        epoch_len = sum(count_samples(u) for u in urls)
-        # This worker yields micro-steps logical, logical + W, ...; its first is start + worker.
-        first_local = (self.start_step + worker) // self.num_workers
-        skip = first_local * self.micro_batch
-        epoch, skip = divmod(skip, epoch_len)
-        stream = itertools.chain.from_iterable(
-            self._epoch_samples(urls, logical, e) for e in itertools.count(epoch)
-        )
-        stream = itertools.islice(stream, skip, None)
-        while True:
-            batch = [self.decode(s) for s in itertools.islice(stream, self.micro_batch)]
-            yield default_collate(batch)
+    def _perm(self, epoch: int) -> np.ndarray:
+        """int64 [N]: epoch ``epoch``'s order of all samples (the two latest kept: a micro-batch
+        may straddle an epoch boundary)."""
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                del self._perms[min(self._perms)]
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(len(self.samples))
+        return self._perms[epoch]
+
+    def sample_ids(self, j: int) -> list[int]:
+        """Global sample indices of micro-step ``j``'s micro-batch on this rank."""
+        n = len(self.samples)
+        first = (j * self.world_size + self.rank) * self.micro_batch
+        return [int(self._perm(p // n)[p % n]) for p in range(first, first + self.micro_batch)]
+
+    def __getitem__(self, j: int) -> Sample:
+        return default_collate([self.decode(self.samples.raw(i)) for i in self.sample_ids(j)])
+
+
+class _MicroSteps:
+    """The DataLoader's sampler: micro-steps ``start, start + 1, ...`` (``count`` of them, or forever)."""
+
+    def __init__(self, start: int, count: int | None):
+        self.start, self.count = start, count
+
+    def __iter__(self) -> Iterator[int]:
+        if self.count is None:
+            return itertools.count(self.start)
+        return iter(range(self.start, self.start + self.count))
 
 
 # How long a worker keeps serving after a SIGTERM: long enough for the trainer to finish its step
@@ -207,16 +373,6 @@ def stop_workers(it: Any) -> None:
         shutdown()
 
 
-def _check_shards(urls: list[str], world_size: int, workers: int) -> None:
-    need = world_size * max(1, workers)
-    if len(urls) < need:
-        raise ValueError(
-            f"{len(urls)} shard(s) for {world_size} rank(s) x {max(1, workers)} worker(s): every worker "
-            f"of every rank needs at least one shard (raise data.min_shards to >= {need}, "
-            "or lower train.workers)"
-        )
-
-
 def train_loader(
     urls: list[str],
     *,
@@ -229,19 +385,19 @@ def train_loader(
     start_step: int = 0,
     num_steps: int | None = None,
 ) -> Iterable[Sample]:
-    """Infinite (or ``num_steps``-long) iterator of collated micro-batches from ``start_step`` on."""
-    urls = sorted(urls)
-    _check_shards(urls, world_size, workers)
-    stream = _TrainStream(urls, decode, micro_batch, seed, rank, world_size, workers, start_step)
-    loader = DataLoader(
-        stream,
-        batch_size=None,
+    """Infinite (or ``num_steps``-long) iterable of this rank's collated micro-batches, from
+    micro-step ``start_step`` on: ``micro_batch`` samples each, rank ``rank``'s share of the global
+    sample order (module docstring), the same order for every ``world_size``, ``workers`` and accum."""
+    data = _TrainMicroBatches(sorted(urls), decode, micro_batch, seed, rank, world_size)
+    return DataLoader(
+        data,
+        batch_size=None,  # an item is already a collated micro-batch
+        sampler=_MicroSteps(start_step, num_steps),
         num_workers=workers,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         worker_init_fn=_worker_init_fn() if workers else None,
     )
-    return loader if num_steps is None else itertools.islice(loader, num_steps)
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from arsr.data.imresize import imresize
@@ -78,6 +77,8 @@ class ShardSetWriter:
         self.out_dir, self.split, self.count = Path(out_dir), split, count
         self.names = [shard_name(split, i) for i in range(count)]
         self.sizes = [0] * count
+        import webdataset as wds  # the [pipeline] extra: `arsr upscale` / `arsr evaluate --hr-dir` need none
+
         self._files = [open(self.out_dir / (n + ".tmp"), "wb") for n in self.names]  # noqa: SIM115
         self._writers = [
             wds.TarWriter(f, user="arsr", group="arsr", mode=0o444, mtime=0.0, encoder=False)
@@ -118,5 +119,7 @@ def shard_urls(shard_dir: str | Path, split: str) -> list[str]:
 
 def iter_tar_samples(urls: Iterable[str]) -> Iterable[dict]:
     """Raw samples (bytes per member suffix, plus __key__) of the given tars, in file order."""
+    import webdataset as wds  # the [pipeline] extra (see ShardWriter)
+
     pipeline = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples())
     yield from pipeline

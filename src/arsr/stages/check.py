@@ -4,9 +4,11 @@
 
 DVC removes a stage's outputs before running its command, and each stage validates params.yaml only
 inside its command: a typo would cost trained outputs. So this stage comes first and every other
-stage depends on its output: it depends on all of params.yaml (any edit reruns it, in a second),
-validates the schema, the cross-section rules and that every key a dvc.yaml stage declares is in the
-file, and fails naming the key; DVC then stops before touching anything downstream. On success it
+stage depends on its output: it depends on every section of params.yaml but ``resources`` (any edit
+reruns it, in a second; a machine setting reruns nothing at all), validates the schema (resources
+and their ``ARSR_RESOURCES__*`` overrides included), the cross-section rules and that every key a
+dvc.yaml stage declares is in the file, and fails naming the key; DVC then stops before touching
+anything downstream. On success it
 writes ``runs/check/params.ok``, whose bytes never change (so no downstream stage reruns because of
 it), as a ``persist`` output: a failed check does not even remove that file.
 """
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from arsr.config import PARAMS_FILE, ConfigError, load_params
+from arsr.config import PARAMS_FILE, ConfigError, Params, load_params
 from arsr.io import atomic_write_text
 
-PARAMS: tuple[str, ...] = ()  # not a section: the whole file (dvc.yaml: `params: [params.yaml:]`)
-WHOLE_PARAMS_FILE = True
+# Every top-level section but the machine's, each declared whole (RUNTIME keys included: a bad one
+# must fail here too), not key by key as the other stages' (tests/test_dvc_yaml.py).
+PARAMS: tuple[str, ...] = tuple(name for name in Params.model_fields if name != "resources")
+WHOLE_SECTIONS = True
 CHECK_FILE = Path("runs/check/params.ok")
 CHECK_TEXT = "params.yaml is valid for every stage of dvc.yaml\n"
 

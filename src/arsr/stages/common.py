@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from arsr.config import ConfigError, EvalConfig, Params, load_params, stage_param_values, tool_eval_config
-from arsr.data.loader import train_loader
 from arsr.data.tokens import TokenFactsError
 from arsr.eval.perceptual import WeightsCorrupt, WeightsMissing
+from arsr.proc import fit_threads
 from arsr.train.checkpoint import CheckpointError, hash_paths
 from arsr.train.dist import DistInfo
 
@@ -89,8 +89,24 @@ def stage_parser(
     return ap
 
 
+def _command_process() -> bool:
+    """Whether this process is an arsr command (``python -m arsr.<...>``, the ``arsr`` script), not a
+    program that calls a stage's ``main`` itself (a test sets its own thread count)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec is not None and spec.name.startswith("arsr.")) or Path(sys.argv[0]).name == "arsr"
+
+
 def report_errors(name: str, fn: Callable[[], Any]) -> int:
-    """``fn()``'s exit status (None = 0); a user error is one line ``arsr <name>: error: ...``, status 2."""
+    """``fn()``'s exit status (None = 0); a user error is one line ``arsr <name>: error: ...``, status 2.
+
+    A stage that is its process's command first sizes the process's threads: the CPUs it may use
+    shared with its sibling ranks (torchrun's ``LOCAL_WORLD_SIZE``), whichever runner started it."""
+    if _command_process():
+        try:
+            fit_threads(int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        except ValueError as err:  # a bad $ARSR_CPUS or $ARSR_THREADS_PER_RANK
+            print(f"arsr {name}: error: {err}", file=sys.stderr)
+            return 2
     try:
         return int(fn() or 0)
     except USER_ERRORS as err:
@@ -122,7 +138,7 @@ def stage_main(
 def params_option(argv: list[str]) -> str:
     """The ``--params`` value of a stage's command line (``--params F``, ``--params=F``, an
     abbreviation), parsed as the stage's own parser will; params.yaml when absent. For the launcher,
-    which must read ``<section>.train.nproc`` before the stage runs."""
+    which must read ``resources.<stage>.nproc`` before the stage runs."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--params", default="params.yaml")
     return ap.parse_known_args(argv)[0].params
@@ -186,6 +202,10 @@ def rank_train_iters(
     urls: list[str], decode: Callable[[dict], dict], micro_batch: int, seed: int, dist: DistInfo, workers: int
 ) -> Callable[[int], Iterator]:
     """The engine's ``make_train_iter`` for this rank: ``start_micro_step -> iterator`` of micro-batches."""
+    # Imported here: the standalone tools (upscale, evaluate --hr-dir) import this module, and the
+    # loaders are pipeline-only (WebDataset, the [pipeline] extra).
+    from arsr.data.loader import train_loader
+
     return lambda k: iter(
         train_loader(
             urls, decode=decode, micro_batch=micro_batch, seed=seed, rank=dist.rank,

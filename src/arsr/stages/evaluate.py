@@ -37,8 +37,6 @@ from PIL import Image
 
 from arsr.config import EvalConfig, Params, stage_param_values
 from arsr.data.imresize import imresize, modcrop
-from arsr.data.loader import load_shard_stats
-from arsr.data.shards import decode_png, iter_tar_samples, shard_urls
 from arsr.data.sources import IMAGE_SUFFIXES, ImageError, SourceImage, load_rgb
 from arsr.eval.grids import as_rgb, labelled_row
 from arsr.eval.metrics import score_bicubic
@@ -79,6 +77,8 @@ class EvalImage:
 
 def val_images(shard_dir: Path, limit: int) -> list[EvalImage]:
     """The val split's HR/LR crops, in shard order (the first ``limit``; 0 = all)."""
+    from arsr.data.shards import decode_png, iter_tar_samples, shard_urls  # DAG only (WebDataset)
+
     out = []
     for sample in iter_tar_samples(shard_urls(shard_dir, "val")):
         out.append(
@@ -247,6 +247,9 @@ def print_table(metrics_json: dict, metrics: list[Metric], header: str = "") -> 
 
 
 def run_dag(args: argparse.Namespace, params: Params) -> None:
+    # The shard readers are imported here: they need WebDataset ([pipeline]), --hr-dir does not.
+    from arsr.data.loader import load_shard_stats
+
     t0 = time.time()
     cfg = params.eval
     scale = int(load_shard_stats(args.shards)["scale"])

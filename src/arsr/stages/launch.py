@@ -2,7 +2,8 @@
 
     python -m arsr.stages.launch train_srvar [stage options]
 
-Reads ``<section>.train.nproc`` from params.yaml and execs one of:
+Reads ``resources.<stage>.nproc`` from params.yaml (or ``$ARSR_RESOURCES__<STAGE>__NPROC``) and
+execs one of:
 
 - ``nproc == 1`` outside SLURM: the stage as one plain process (no torchrun);
 - outside SLURM: ``torchrun --standalone --nproc-per-node=N -m arsr.stages.<stage>``;
@@ -36,16 +37,12 @@ import sys
 # main), and a parent that exits before that is set up shows as another parent pid by then.
 STARTED_BY = os.getppid()
 
-from arsr.config import ConfigError, Params, load_params  # noqa: E402
-from arsr.proc import PARENT_PID_ENV, die_with_parent  # noqa: E402
+from arsr.config import RESOURCES_ENV_PREFIX, TRAINING_STAGES, ConfigError, load_params  # noqa: E402
+from arsr.proc import PARENT_PID_ENV, die_with_parent, thread_env, threads_per_process  # noqa: E402
 from arsr.stages.common import params_option  # noqa: E402
 
 # A training stage is `train_<section>`, and that params section has a `train` subsection.
-SECTIONS = {
-    f"train_{name}": name
-    for name, field in Params.model_fields.items()
-    if "train" in getattr(field.annotation, "model_fields", {})
-}
+SECTIONS = TRAINING_STAGES
 
 
 def rendezvous_port(job_id: str) -> int:
@@ -54,15 +51,13 @@ def rendezvous_port(job_id: str) -> int:
 
 
 def threads_per_rank(nproc: int, env: dict[str, str]) -> int:
-    """Intra-op threads for each of ``nproc`` ranks: the CPUs this process may use, shared out.
+    """Intra-op threads for each of ``nproc`` ranks: the CPUs this process may use (affinity, SLURM,
+    cgroup quota, ``$ARSR_CPUS``: :func:`arsr.proc.usable_cpus`), shared out.
 
-    Exported as OMP_NUM_THREADS and MKL_NUM_THREADS so that every runner trains the same way:
-    torchrun's default is 1 per rank, Snakemake exports the rule's ``threads``, a plain process
-    takes every core. ``ARSR_THREADS_PER_RANK`` overrides."""
-    if env.get("ARSR_THREADS_PER_RANK"):
-        return max(1, int(env["ARSR_THREADS_PER_RANK"]))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, nproc))
+    Exported (:func:`arsr.proc.thread_env`) so that every runner trains the same way: torchrun's
+    default is 1 per rank, Snakemake exports the rule's ``threads``, a plain process takes every
+    core. ``ARSR_THREADS_PER_RANK`` overrides."""
+    return threads_per_process(nproc, env)
 
 
 def visible_gpus() -> int:
@@ -166,24 +161,29 @@ def main(argv: list[str] | None = None) -> int:
     stage, extra = argv[0], argv[1:]
     params_file = params_option(extra)  # --params F, --params=F: as the stage's parser reads it
     try:
-        nproc = getattr(load_params(params_file), SECTIONS[stage]).train.nproc
+        nproc = getattr(load_params(params_file).resources, stage).nproc
     except ConfigError as err:
         print(f"arsr {stage}: error: {err}", file=sys.stderr)
         return 2
     gpus = visible_gpus()
     if 0 < gpus < nproc:  # NCCL cannot put two ranks on one GPU
         print(
-            f"arsr {stage}: error: {SECTIONS[stage]}.train.nproc: {nproc} ranks per node but {gpus} GPU(s) "
-            f"visible; set it to {gpus} (e.g. dvc exp run -S {SECTIONS[stage]}.train.nproc={gpus}); the "
-            "global batch_size stays the same",
+            f"arsr {stage}: error: resources.{stage}.nproc: {nproc} ranks per node but {gpus} GPU(s) "
+            f"visible; set it to {gpus} (e.g. dvc exp run -S resources.{stage}.nproc={gpus}, or "
+            f"{RESOURCES_ENV_PREFIX}{stage.upper()}__NPROC={gpus}: nothing reruns); the global batch_size "
+            "stays the same",
             file=sys.stderr,
         )
         return 2
     env = complete_slurm_env(dict(os.environ))
     cmd = build_command(stage, nproc, env, extra)
     if cmd[0] != "srun":  # (a multi-node batch script: the launcher run on each node decides)
-        threads = str(threads_per_rank(nproc, env))
-        os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        try:
+            threads = threads_per_rank(nproc, env)
+        except ValueError as err:
+            print(f"arsr {stage}: error: {err}", file=sys.stderr)
+            return 2
+        os.environ.update(thread_env(threads))  # the ranks' (OpenMP reads it when torch loads)
         if "SLURM_JOB_ID" in env:
             # Inherited across exec by torchrun and its workers; the engine installs its own handler.
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -25,7 +25,7 @@ from arsr.config import DataConfig, load_params, stage_param_values
 from arsr.data.shards import SPLITS, ShardSetWriter, crop_grid, decode_png, make_sample, shard_name
 from arsr.data.sources import ImageError, SourceImage, list_sources, load_rgb
 from arsr.io import atomic_write_bytes, write_json
-from arsr.proc import spawn_pool
+from arsr.proc import spawn_pool, usable_cpus
 from arsr.progress import progress
 from arsr.provenance import machine_info
 from arsr.stages.common import RUNS_DIR, SHARDS_DIR, StageError, shards_artifact, stage_main
@@ -137,7 +137,9 @@ def run_shard(params_path: str = "params.yaml", out_dir: str = "data/shards", ru
     committed = False
     try:
         # Workers that die with this process: a killed stage leaves none waiting forever for work.
-        with spawn_pool(min(cfg.workers, len(tasks))) as pool:
+        # At most one worker per CPU this process may use (the shards do not depend on the count).
+        workers = max(1, min(params.resources.shard.workers, len(tasks), usable_cpus()))
+        with spawn_pool(workers) as pool:
             results = pool.imap(_process, [(src, cfg, seed) for src, _ in tasks], chunksize=1)
             for (src, split), (samples, notes, reason) in progress(
                 zip(tasks, results), total=len(tasks), desc="shard", unit="img"

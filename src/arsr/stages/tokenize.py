@@ -3,7 +3,8 @@
     python -m arsr.stages.tokenize [--params params.yaml] [--shards data/shards]
                                    [--model runs/vqvae/model.pt] [--out data/tokens]
 
-Reads ``tokenize`` from params.yaml, the image shards and the VQVAE's EMA weights. For every
+Reads the image shards and the VQVAE's EMA weights (and ``resources.tokenize`` from params.yaml: no
+science parameter). For every
 ``data/shards/{split}-NNNNNN.tar`` it writes ``data/tokens/{split}-NNNNNN.tar`` with the same
 keys, in the same order:
 
@@ -21,12 +22,14 @@ per-channel mean/std of ``f`` (as stored, float16) over the train split (what MA
 targets with), the tokenizer's facts (vocab_size, patch_nums, Cvae, the sha256 of model.pt) and the
 data's (hr_size, scale, num_classes).
 
-``tokenize.workers`` processes each take whole shards; each encodes in batches of
-``tokenize.batch_size`` with one torch thread, so the bytes of every tar (mtime 0, fixed owner,
-renamed into place when complete) and of latent_stats.json do not depend on the worker count.
+``resources.tokenize.workers`` processes (at most the CPUs) each take whole shards; each encodes in
+batches of ``resources.tokenize.batch_size`` with one torch thread, so the bytes of every tar (mtime 0,
+fixed owner, renamed into place when complete) and of latent_stats.json depend on neither (both are
+resources: changing them reruns nothing). One thread: on a 2-core CPU 3 threads gave other float16
+bits than 1, 2, 4 or 8. Batches: torch convolves a batch of one sample another way (its native
+kernel, not oneDNN's) with other last bits, so a short batch is padded to ``MIN_ROWS`` rows.
 Throughput goes to ``runs/tokenize/timing.json`` and, with the sample count and the code usage of the
-tokens' last scale, to W&B (which records shards + VQVAE -> tokens). ``tokenize.workers`` is a RUNTIME
-key (it reruns nothing).
+tokens' last scale, to W&B (which records shards + VQVAE -> tokens).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from arsr.data.tokens import TokenFacts
 from arsr.infer.tokenizer import load_tokenizer_file, lr_condition
 from arsr.io import file_sha256, write_json
 from arsr.models.residual import SRTokenizer
-from arsr.proc import spawn_pool
+from arsr.proc import spawn_pool, usable_cpus
 from arsr.progress import progress
 from arsr.provenance import machine_info
 from arsr.stages.common import (
@@ -67,7 +70,12 @@ from arsr.stages.common import (
 )
 from arsr.train.logging import init_wandb
 
-PARAMS = ("tokenize",)
+PARAMS: tuple[str, ...] = ()  # no science parameter: the bytes follow the shards and the VQVAE
+
+# Rows every encoded batch has at least (a short one is padded with copies of its samples): ATen
+# picks oneDNN's convolution for >= 16 rows (its rule for 1x1 kernels, the strictest) and the native
+# one for a single row, which gives other last bits; padded, every batch size gives the same bytes.
+MIN_ROWS = 16
 
 INT16_MAX_VOCAB = 2**15  # idx is stored as int16
 
@@ -83,8 +91,9 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 def encode_batch(tok: SRTokenizer, samples: list[dict]) -> tuple[list[dict], np.ndarray]:
     """Raw image-shard samples -> (token-shard samples (bytes per member suffix), f as stored
     float16 [B, Cv, h, w])."""
-    hr = np.stack([decode_png(s["hr.png"]) for s in samples])
-    lr = [decode_png(s["lr.png"]) for s in samples]
+    rows = [samples[i % len(samples)] for i in range(max(MIN_ROWS, len(samples)))]  # (see MIN_ROWS)
+    hr = np.stack([decode_png(s["hr.png"]) for s in rows])
+    lr = [decode_png(s["lr.png"]) for s in rows]
     device = next(tok.parameters()).device
     lr_B3hw = torch.stack([to_unit_range(a) for a in lr]).to(device) if tok.target == "residual" else None
     f_BChw = tok.img_to_f(torch.stack([to_unit_range(a) for a in hr]).to(device), lr_B3hw)
@@ -101,7 +110,7 @@ def encode_batch(tok: SRTokenizer, samples: list[dict]) -> tuple[list[dict], np.
         }
         for i, s in enumerate(samples)
     ]
-    return out, f16
+    return out, f16[: len(samples)]
 
 
 # --------------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(model_path: str, batch_size: int, counter: Any) -> None:
-    torch.set_num_threads(1)  # one thread per process: bytes independent of the worker count
+    torch.set_num_threads(1)  # one thread per process: bytes independent of the CPUs (module doc)
     _, tok = load_tokenizer_file(model_path, default_device())  # GPU bytes differ from CPU's in the last bits
     _worker.update(tok=tok, batch_size=batch_size, counter=counter)
 
@@ -154,9 +163,9 @@ def encode_shard(task: tuple[str, str]) -> dict[str, Any]:
                     writer.write(sample)
                     idx = np.load(io.BytesIO(sample["idx.npy"]), allow_pickle=False)[-last_l:]
                     codes += np.bincount(idx.astype(np.int64), minlength=vae.V)
-                f = f16_BChw.astype(np.float64)
-                s1 += f.sum(axis=(0, 2, 3))
-                s2 += np.square(f).sum(axis=(0, 2, 3))
+                for f in f16_BChw.astype(np.float64):  # sample by sample: sums that batching cannot reorder
+                    s1 += f.sum(axis=(1, 2))
+                    s2 += np.square(f).sum(axis=(1, 2))
                 n += len(batch)
                 _tick(len(batch))
             writer.close()
@@ -189,7 +198,7 @@ def _run_tasks(tasks: list[tuple[str, str]], model: Path, batch_size: int, worke
     ctx = get_context("spawn")
     counter = ctx.Value("q", 0)
     # Workers that die with this process: a killed stage leaves none encoding on, or waiting forever.
-    with spawn_pool(workers, _init_worker, (str(model), batch_size, counter)) as pool:
+    with spawn_pool(workers, _init_worker, (str(model), batch_size, counter), threads=1) as pool:
         pending = pool.map_async(encode_shard, tasks, chunksize=1)
         while not pending.ready():
             pending.wait(0.5)
@@ -225,7 +234,7 @@ def run_tokenize(
     runs: str | Path = RUNS_DIR,
 ) -> TokenFacts:
     """Write the token shards and their facts (latent_stats.json); returns the facts."""
-    cfg, shards, model, out = params.tokenize, Path(shards), Path(model), Path(out)
+    cfg, shards, model, out = params.resources.tokenize, Path(shards), Path(model), Path(out)
     t0 = time.perf_counter()
     if not model.is_file():
         raise FileNotFoundError(f"{model} not found (run train_vqvae first)")
@@ -237,7 +246,7 @@ def run_tokenize(
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(u, str(out / Path(u).name)) for split in SPLITS for u in urls[split]]
     total = sum(count_samples(u) for u, _ in tasks)
-    workers = max(1, min(cfg.workers, len(tasks)))
+    workers = max(1, min(cfg.workers, len(tasks), usable_cpus()))  # (1 thread each)
     results = _run_tasks(tasks, model, cfg.batch_size, workers, total)
 
     keep = {Path(dst).name for _, dst in tasks}

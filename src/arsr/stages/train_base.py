@@ -1,6 +1,6 @@
 """Stage `train_base`: train the regression base (bicubic + a small conv net's residual) on the image shards.
 
-    python -m arsr.stages.launch train_base      # torchrun with base.train.nproc processes
+    python -m arsr.stages.launch train_base      # torchrun with resources.train_base.nproc processes
     python -m arsr.stages.train_base [--params params.yaml] [--shards data/shards] [--out runs/base]
 
 Reads ``seed`` and ``base`` from params.yaml and the HR/LR pairs of ``data/shards`` (the LR is the
@@ -160,6 +160,7 @@ def shard_facts(shards: Path) -> tuple[int, int]:
 
 def train(params: Params, shards: Path, out: Path) -> dict[str, float]:
     cfg, tcfg = params.base, params.base.train
+    res = params.resources.train_base  # loader workers, compile: the machine's, not fingerprinted
     fp = fingerprint("train_base", params, PARAMS, [shards])  # fails early if the shards are missing
     scale, hr_size = shard_facts(shards)
     dist = init_distributed()
@@ -191,8 +192,9 @@ def train(params: Params, shards: Path, out: Path) -> dict[str, float]:
         model=model,
         model_config=model.model_config(),
         cfg=tcfg,
+        compile=res.compile,
         loss_fn=loss_fn,
-        make_train_iter=rank_train_iters(train_urls, decode_hr_lr, mb, params.seed, dist, tcfg.workers),
+        make_train_iter=rank_train_iters(train_urls, decode_hr_lr, mb, params.seed, dist, res.workers),
         out_dir=out,
         fingerprint=fp,
         seed=params.seed,

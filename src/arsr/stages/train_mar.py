@@ -1,6 +1,6 @@
 """Stage `train_mar`: train MAR-SR on the token shards (DESIGN §4; reference/mar_diffusion.md §8-9).
 
-    python -m arsr.stages.launch train_mar      # torchrun with mar.train.nproc processes
+    python -m arsr.stages.launch train_mar      # torchrun with resources.train_mar.nproc processes
     python -m arsr.stages.train_mar [--params params.yaml] [--tokens data/tokens]
                                     [--vqvae runs/vqvae/model.pt] [--shards data/shards] [--out runs/mar]
 
@@ -158,6 +158,7 @@ class Validator:
 # --------------------------------------------------------------------------------------
 def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Path) -> dict[str, float]:
     cfg, tcfg = params.mar, params.mar.train
+    res = params.resources.train_mar  # loader workers, compile: the machine's, not fingerprinted
     fp = fingerprint("train_mar", params, PARAMS, [tokens, vqvae_path, shards])  # fails early if missing
     facts, vqvae_file = read_token_facts(tokens, vqvae_path)
     norm, use_labels = LatentNorm(facts.mean, facts.std), facts.num_classes > 0
@@ -190,8 +191,9 @@ def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Pat
         model=model,
         model_config=model.model_config(),
         cfg=tcfg,
+        compile=res.compile,
         loss_fn=loss_fn,
-        make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, tcfg.workers),
+        make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, res.workers),
         out_dir=out,
         fingerprint=fp,
         seed=params.seed,

@@ -1,6 +1,6 @@
 """Stage `train_srvar`: train SRVAR, VAR's next-scale transformer conditioned on the LR image.
 
-    python -m arsr.stages.launch train_srvar       # torchrun with srvar.train.nproc processes (DDP)
+    python -m arsr.stages.launch train_srvar       # torchrun with resources.train_srvar.nproc processes (DDP)
     python -m arsr.stages.train_srvar [--params params.yaml] [--tokens data/tokens]
                                       [--vqvae runs/vqvae/model.pt] [--shards data/shards] [--out runs/srvar]
 
@@ -143,6 +143,7 @@ def build_model(cfg: SRVARSection, facts: TokenFacts, refiner_scale: float) -> S
 
 def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
     cfg, tcfg = params.srvar, params.srvar.train
+    res = params.resources.train_srvar  # loader workers, compile: the machine's, not fingerprinted
     tokens, vqvae_path, shards, out = Path(args.tokens), Path(args.vqvae), Path(args.shards), Path(args.out)
     inputs = [tokens, vqvae_path, shards] + ([Path(cfg.init_from)] if cfg.init_from else [])
     fp = fingerprint("train_srvar", params, PARAMS, inputs)  # also fails early on a missing input
@@ -178,8 +179,9 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
         model=model,
         model_config=model.model_config(),
         cfg=tcfg,
+        compile=res.compile,
         loss_fn=make_loss_fn(vae, cfg),
-        make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, tcfg.workers),
+        make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, res.workers),
         out_dir=out,
         fingerprint=fp,
         seed=params.seed,

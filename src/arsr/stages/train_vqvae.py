@@ -1,6 +1,6 @@
 """Stage `train_vqvae`: train the multi-scale VQVAE tokenizer (or adopt official weights).
 
-    python -m arsr.stages.launch train_vqvae      # torchrun when vqvae.train.nproc > 1
+    python -m arsr.stages.launch train_vqvae      # torchrun when resources.train_vqvae.nproc > 1
     python -m arsr.stages.train_vqvae [--params params.yaml] [--shards data/shards] [--out runs/vqvae]
 
 Reads ``seed`` and ``vqvae`` from params.yaml and the crops of ``data/shards`` (with
@@ -353,6 +353,7 @@ def load_frozen_base(path: Path, shards: Path, device: torch.device) -> tuple[Ba
 
 def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path: Path) -> dict[str, float]:
     tcfg = cfg.train
+    res = params.resources.train_vqvae  # loader workers, compile: the machine's, not fingerprinted
     dist = init_distributed()
     torch.manual_seed(params.seed)  # identical initial weights on every rank
     vae = VQVAE(cfg.model)
@@ -421,9 +422,10 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path:
         model=vae,
         model_config=vae.model_config(),
         cfg=tcfg,
+        compile=res.compile,
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(
-            train_urls, decode_pair if residual else decode_hr, mb, params.seed, dist, tcfg.workers
+            train_urls, decode_pair if residual else decode_hr, mb, params.seed, dist, res.workers
         ),
         out_dir=out,
         fingerprint=fingerprint("train_vqvae", params, PARAMS, inputs),

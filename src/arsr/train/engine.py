@@ -13,7 +13,7 @@ A stage builds its model (a plain ``nn.Module``), a loss function and its data i
 What one optimizer step does (``Trainer._train_step``)::
 
     for each of accum micro-steps:            # no_sync on all but the last: one all-reduce per step
-        batch = next(train_iter)              # pure function of (seed, rank, micro-step)
+        batch = next(train_iter)              # this rank's share of global batch `step`: f(seed, step)
         loss, metrics = loss_fn(ddp_model, batch)    under autocast
         scaler.scale(loss / accum).backward()
     unscale -> clip_grad_norm_ -> (skip if not finite) -> AdamW step -> scaler update -> EMA update
@@ -22,7 +22,11 @@ Everything a resumed run needs to continue bit for bit (model, EMA, optimizer, s
 every rank's RNG states, the metric sums of the current log window, the W&B run id) is in
 ``ckpt/last.pt``; the lr is a pure function of the step and the data a pure function of the
 micro-step, so a run killed at any point and rerun gives the weights of a run never stopped
-(CPU, fp32; on GPU with ``deterministic: true``).
+(CPU, fp32; on GPU with ``deterministic: true``). A checkpoint also resumes on another number of
+ranks or another ``accum``: the global batch of a step holds the same samples for any split
+(arsr.data.loader), the model, EMA, optimizer and scaler states are the same on every rank, the
+log window's metric sums of all ranks are merged, and only the RNG streams are reseeded; the
+weights then equal those of the uninterrupted run up to float rounding (another reduction order).
 
 A checkpoint is written every ``ckpt_every`` steps and also once ``ckpt_minutes`` have passed
 since the last one (by rank 0's clock, shared in the per-step all-reduce: every rank must
@@ -135,6 +139,43 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
+def _cpu_meter_state(meter: MetricMeter) -> dict[str, Any]:
+    """``meter``'s state (sums of the current log window) with its sums on the CPU."""
+    state = meter.state_dict()
+    return {"sums": {k: v.detach().cpu() for k, v in state["sums"].items()}, "counts": dict(state["counts"])}
+
+
+def _meter_state_for(saved: Any, rank: int, world_size: int) -> dict[str, Any] | None:
+    """What ``rank`` of ``world_size`` loads of a checkpoint's meter states (one per saving rank).
+
+    The rank count unchanged: its own (a bitwise continuation). Changed from ``W0``: rank 0 takes
+    the sums and counts of all ``W0`` ranks scaled by ``world_size / W0``, the others nothing. The
+    logged mean is (sum over ranks) / (count over ranks) (``merge_sums``), and every rank adds one
+    value per step or micro-step, so this keeps each step of the window at the weight it has in
+    the rest of the window (the means of an uninterrupted run; with ``accum`` also changed, the
+    per-micro-step metrics of the steps before the resume weigh ``accum_old / accum_new`` as
+    much). A checkpoint holding one dict (rank 0's, saved before the per-rank list) is loaded
+    everywhere, as it was then."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) == world_size:
+        return saved[rank]
+    if rank != 0:
+        return None
+    scale = world_size / len(saved)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
+    for state in saved:
+        for k, v in state["sums"].items():
+            sums[k] = sums[k] + v if k in sums else v
+            counts[k] = counts.get(k, 0) + state["counts"][k]
+    # Every rank counted every key equally often, so the scaled counts are whole numbers.
+    return {
+        "sums": {k: v * scale for k, v in sums.items()},
+        "counts": {k: int(c * scale) if (c * scale).is_integer() else c * scale for k, c in counts.items()},
+    }
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -167,6 +208,8 @@ class Trainer:
         on_val: ``(step, ema_model, wandb_run)`` at each validation, on rank 0 only (sample
             grids); must not use collectives. May return scalars for W&B.
         dist_info: from :func:`init_distributed` (called here when omitted).
+        compile: ``torch.compile`` the training step (the stage's ``resources.<stage>.compile``: how
+            the machine runs it, kept out of ``cfg`` and of the fingerprint).
     """
 
     def __init__(
@@ -188,8 +231,10 @@ class Trainer:
         on_step: OnStep | None = None,
         on_val: OnVal | None = None,
         dist_info: DistInfo | None = None,
+        compile: bool = False,
     ):
         self.kind, self.model_config, self.cfg = kind, model_config, cfg
+        self.compile = compile
         self.loss_fn, self.make_train_iter = loss_fn, make_train_iter
         self.val_fn, self.make_val_iter = val_fn, make_val_iter
         self.no_weight_decay, self.model_extra = no_weight_decay, model_extra
@@ -260,7 +305,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.step, self.bad_steps = state["step"], state["bad_steps"]
-            self.meter.load_state_dict(state["meter"])
+            meter = _meter_state_for(state["meter"], d.rank, d.world_size)
+            if meter is not None:
+                self.meter.load_state_dict(meter)
             self.train_metrics, self.val_metrics = state["metrics"]["train"], state["metrics"]["val"]
             if len(state["rng"]) == d.world_size:
                 rng_state = state["rng"][d.rank]
@@ -274,7 +321,7 @@ class Trainer:
                 device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                 **_NO_BUFFER_SYNC,
             )
-        if cfg.compile:  # the step's forward/backward only; checkpoints and EMA use self.model
+        if self.compile:  # the step's forward/backward only; checkpoints and EMA use self.model
             self.ddp_model = torch.compile(self.ddp_model)
         if d.is_main:
             PlotWriter(self.out_dir / "plots").truncate_after(self.step)
@@ -418,7 +465,9 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         """Write ckpt/last.pt (collective: gathers every rank's RNG states)."""
-        rng = all_gather_object(get_rng_state())
+        # Every rank's RNG states and log-window sums (one gather; the sums on the CPU so that no
+        # rank unpickles another's CUDA tensors).
+        gathered = all_gather_object({"rng": get_rng_state(), "meter": _cpu_meter_state(self.meter)})
         if self.dist.is_main:
             state = {
                 "format": CKPT_FORMAT,
@@ -438,10 +487,10 @@ class Trainer:
                     "warmup_steps": self.cfg.warmup_steps,
                     "max_steps": self.cfg.max_steps,
                 },
-                "rng": rng,
+                "rng": [g["rng"] for g in gathered],
                 "wandb_id": self.wandb.id,
                 "bad_steps": self.bad_steps,
-                "meter": self.meter.state_dict(),
+                "meter": [g["meter"] for g in gathered],  # one per rank
                 "metrics": {"train": self.train_metrics, "val": self.val_metrics},
             }
             atomic_save(state, self.ckpt_path)
