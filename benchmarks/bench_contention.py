@@ -184,8 +184,7 @@ def main() -> int:
         print(f"  {stage:10} {name:12} idle {idle:6.1f}  busy {busy_t:6.1f}  ratio {ratio:.2f} (goal <= 2.2)")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
-    if args.project is None:
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # (the projects too, unless --project keeps them elsewhere)
     return 0
 
 

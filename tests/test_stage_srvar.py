@@ -82,7 +82,7 @@ def test_the_lr_condition_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     tcfg = TrainConfig(
         max_steps=80, batch_size=B, amp="none", base_lr=0.1, warmup_steps=5, ema=0.9, weight_decay=0.0,
-        val_every=10**6, log_every=10**6, ckpt_every=10**6, workers=0,
+        val_every=10**6, log_every=10**6, ckpt_every=10**6,
     )  # fmt: skip
     cfg = SRVARSection(model=SRVARConfig(depth=2, width=64), train=tcfg)  # cond_drop 0.1 as by default
     torch.manual_seed(0)

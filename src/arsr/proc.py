@@ -106,16 +106,20 @@ def _read_quota(folder: Path) -> float | None:
     return None
 
 
-def _positive_int(env: Mapping[str, str], name: str) -> int | None:
+def _positive_int(env: Mapping[str, str], name: str, strict: bool = True) -> int | None:
+    """``$name`` as a whole number >= 1; None when unset. A bad value raises ValueError naming the
+    variable (``strict``: ours, a user's typo) or is ignored (not strict: SLURM's)."""
     value = env.get(name, "").strip()
     if not value:
         return None
     try:
         n = int(value)
+        if n < 1:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"${name}={value!r} is not a whole number") from None
-    if n < 1:
-        raise ValueError(f"${name}={value!r} must be at least 1")
+        if not strict:
+            return None
+        raise ValueError(f"${name}={value!r}: expected a whole number >= 1") from None
     return n
 
 
@@ -126,7 +130,7 @@ def usable_cpus(env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     limits = [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)]
     if env.get("SLURM_JOB_ID"):
-        limits.append(_positive_int(env, "SLURM_CPUS_PER_TASK") or limits[0])
+        limits.append(_positive_int(env, "SLURM_CPUS_PER_TASK", strict=False) or limits[0])
     quota = _cgroup_quota()
     if quota is not None:
         limits.append(max(1, math.ceil(quota)))

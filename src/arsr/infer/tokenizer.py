@@ -70,16 +70,24 @@ def upsample_lr(lr_HWC: np.ndarray, size: int) -> np.ndarray:
     return imresize(lr_HWC, output_shape=(size, size))
 
 
+# oneDNN's convolution (ATen's choice from 16 rows on) for every batch size: see lr_condition.
+CONDITION_ROWS = 16
+
+
 @torch.no_grad()
 def lr_condition(tok: SRTokenizer, lr_uint8: Sequence[np.ndarray], hr_size: int) -> torch.Tensor:
     """uint8 LR crops [h, w, 3] -> their conditions ``lrf`` float16 [B, tok.lr_channels, g, g] on the
     tokenizer's device (float16 is how the token shards store them: SR models train on these values)."""
     device = next(tok.parameters()).device
+    n = len(lr_uint8)
+    # At least CONDITION_ROWS rows (copies of the crops): ATen picks another convolution kernel for a
+    # single row (other last bits), and tokenize and the upscalers must compute the same values.
+    lr_uint8 = [lr_uint8[i % n] for i in range(max(n, CONDITION_ROWS))]
     if tok.target == "residual":
         lr_B3hw = torch.stack([to_unit_range(lr) for lr in lr_uint8]).to(device)
-        return tok.lr_features(lr_B3hw).to(torch.float16)
+        return tok.lr_features(lr_B3hw)[:n].to(torch.float16)
     x_B3HW = torch.stack([to_unit_range(upsample_lr(lr, hr_size)) for lr in lr_uint8]).to(device)
-    return tok.vae.img_to_f(x_B3HW).to(torch.float16)
+    return tok.vae.img_to_f(x_B3HW)[:n].to(torch.float16)
 
 
 def read_token_facts(tokens_dir: str | Path, vqvae_path: str | Path) -> tuple[TokenFacts, dict[str, Any]]:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from arsr.config import PARAMS_FILE, ConfigError, Params, load_params
+from arsr.config import PARAMS_FILE, Params, load_params
 from arsr.io import atomic_write_text
+from arsr.proc import threads_per_process
 
 # Every top-level section but the machine's, each declared whole (RUNTIME keys included: a bad one
 # must fail here too), not key by key as the other stages' (tests/test_dvc_yaml.py).
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         load_params(args.params, required=declared_keys(args.dvc_yaml, args.params))
-    except ConfigError as err:
+        threads_per_process()  # $ARSR_CPUS, $ARSR_THREADS_PER_RANK: every stage would refuse them
+    except ValueError as err:  # (a ConfigError is one too)
         print(f"arsr check: error: {err}", file=sys.stderr)
         print("arsr check: nothing was run or removed; fix the key(s) above", file=sys.stderr)
         return 2
