@@ -71,9 +71,15 @@ def _set_resources(name):
     thread count below reads them, the command gets the final values from Snakemake itself)."""
     try:
         over = workflow.resource_settings.overwrite_resources.get(name) or {}
-        return {k: getattr(v, "value", v) for k, v in over.items()}
     except AttributeError:
         return {}
+    values = {}
+    for k, v in over.items():
+        try:  # a quoted profile value (slurm_extra) is an expression Snakemake evaluates per job
+            values[k] = getattr(v, "value", v)
+        except ValueError:
+            continue
+    return values
 
 
 def _threads(name, resources):
