@@ -155,20 +155,20 @@ def main() -> None:
     p.add_argument(
         "--portable",
         action="store_true",
-        help="resumable with another accum too (ranks and workers are resources, never in the "
-        "fingerprint): accum is left out of it and the run goes to OUT/run (not OUT/accum<A>)",
+        help="the run goes to OUT/run (not OUT/accum<A>), so a rerun with another accum resumes it "
+        "(accum, like ranks and workers, is a resource: never in the fingerprint)",
     )
     args = p.parse_args()
 
     d = init_distributed()
     for accum in args.accum:
         cfg = TrainConfig(
-            max_steps=args.steps, batch_size=args.batch, accum=accum, amp="none",
+            max_steps=args.steps, batch_size=args.batch, amp="none",
             base_lr=args.lr, warmup_steps=2, weight_decay=0.05, grad_clip=1.0, ema=0.9,
             val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
             deterministic=args.deterministic,
         )  # fmt: skip
-        mb = micro_batch_size(cfg, d.world_size)
+        mb = micro_batch_size(cfg, d.world_size, accum)
         torch.manual_seed(0)  # the same initial weights on every rank and in every run
         model = TinyNet(dropout=args.dropout)
         if args.shards:
@@ -208,15 +208,13 @@ def main() -> None:
             return {"val/hook": float(step)}
 
         fingerprint = {"train": cfg.model_dump(mode="json"), "dropout": args.dropout, "data": args.shards}
-        if args.portable:
-            fingerprint["train"] = cfg.model_dump(mode="json", exclude={"accum"})
         run_dir = Path(args.out) / ("run" if args.portable else f"accum{accum}")
         trainer = Trainer(
             kind="tinynet", model=model, model_config={"width": 32, "dropout": args.dropout}, cfg=cfg,
             loss_fn=loss_fn, make_train_iter=make_train_iter, out_dir=run_dir,
             fingerprint=fingerprint, seed=3, val_fn=val_fn,
             make_val_iter=lambda: val_batches(d.rank, d.world_size), on_step=on_step, on_val=on_val,
-            model_extra={"note": 1.5}, dist_info=d,
+            model_extra={"note": 1.5}, dist_info=d, accum=accum,
         )  # fmt: skip
         trainer.fit()
 

@@ -28,7 +28,7 @@ SCALE = 2
 # What the tools should take from the params file: greedy tokens (no refiner: seed-free outputs),
 # one tile per batch and no overlap, so `upscale` (image by image) and `evaluate` (all tiles
 # together) compute exactly the same tiles.
-EVAL = {"tile_overlap": 0, "batch_size": 1, "seed": 5, "srvar": {"decode": "greedy", "top_k": 3},
+EVAL = {"tile_overlap": 0, "seed": 5, "srvar": {"decode": "greedy", "top_k": 3},
         "mar": {"num_iter": 3}}  # fmt: skip
 
 
@@ -51,7 +51,8 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer), a benchmark folder bench/HR with two images, their LR images in lr/, and an eval/
     output of the pipeline that standalone tools must not touch."""
     root = tmp_path_factory.mktemp("cli")
-    (root / "params.yaml").write_text(yaml.safe_dump({"eval": EVAL}))
+    params = {"eval": EVAL, "resources": {"evaluate": {"batch_size": 1}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     write_tiny_srvar(root, scale=SCALE, patch_nums=PN, jitter=0.3)
     rng = np.random.default_rng(0)
     (root / "bench/HR").mkdir(parents=True)
@@ -101,7 +102,7 @@ def test_standalone_tools_take_settings_from_params_and_leave_pipeline_outputs_a
     assert "num_iter=3" in ev_line
     result = json.loads(out.read_text())
     assert result["settings"]["srvar"]["decode"] == "greedy" and result["settings"]["mar"]["num_iter"] == 3
-    assert result["settings"]["seed"] == 5 and result["settings"]["batch_size"] == 1
+    assert result["settings"]["seed"] == 5 and "batch_size" not in result["settings"]  # a resource
     want = _upscale_psnr(proj, proj / "up")
     for name, score in want.items():
         assert result["per_image"]["srvar"][name]["psnr"] == pytest.approx(score, abs=1e-9), name

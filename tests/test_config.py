@@ -52,22 +52,23 @@ def test_a_bad_key_is_named(raw: dict, names: str) -> None:
 
 
 def test_a_partial_train_section_keeps_the_stage_recipe() -> None:
-    p = parse_params({"mar": {"train": {"max_steps": 30}}, "vqvae": {"train": {"accum": 2}}})
+    p = parse_params({"mar": {"train": {"max_steps": 30}}, "vqvae": {"train": {"warmup_steps": 2}}})
     assert p.mar.train.max_steps == 30 and p.mar.train.grad_clip == 3.0  # MAR's recipe
-    assert p.vqvae.train.max_steps == 200 and p.vqvae.train.accum == 2  # the tokenizer's
+    assert p.vqvae.train.max_steps == 200 and p.vqvae.train.warmup_steps == 2  # the tokenizer's
     r = parse_params({"resources": {"train_mar": {"nproc": 1}}}).resources
     assert (r.train_mar.nproc, r.train_mar.workers) == (1, 2)  # MAR's 2 loader workers stay
 
 
 def test_machine_settings_live_in_resources_only() -> None:
-    """nproc, workers, compile and the encoding batch are the machine's: one place each
-    (resources.<stage>), nowhere in the sections stages declare."""
+    """nproc, workers, compile, accum and the encoding and SR batches are the machine's: one place
+    each (resources.<stage>), nowhere in the sections stages declare."""
     from arsr.config import TRAINING_STAGES, stage_param_keys
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(raw["resources"]) == {"shard", "tokenize", *TRAINING_STAGES}
+    assert set(raw["resources"]) == {"shard", "tokenize", *TRAINING_STAGES, "evaluate"}
     science = _flat({k: v for k, v in raw.items() if k != "resources"})
-    assert not [k for k in science if k.rsplit(".", 1)[-1] in ("nproc", "workers", "compile")]
+    assert not [k for k in science if k.rsplit(".", 1)[-1] in ("nproc", "workers", "compile", "accum")]
+    assert "batch_size" not in raw["eval"]  # tiles have their own seeds: resources.evaluate
     assert "tokenize" not in raw  # its only keys were resources
     every = stage_param_keys(tuple(k for k in Params.model_fields if k != "resources"))
     assert not [k for k in every if k.startswith("resources")]
@@ -78,12 +79,11 @@ def test_machine_settings_live_in_resources_only() -> None:
     [
         (
             {"resources": {"train_srvar": {"nproc": 3}}},
-            "srvar.train.batch_size: 32 is not divisible by resources.train_srvar.nproc x srvar.train.accum",
+            "srvar.train.batch_size: 32 is not divisible by resources.train_srvar.nproc x accum = 3 x 1",
         ),
         (
-            {"resources": {"train_base": {"nproc": 2}}, "base": {"train": {"accum": 3, "batch_size": 33}}},
-            "base.train.batch_size: 33 is not divisible by resources.train_base.nproc x base.train.accum "
-            "= 2 x 3",
+            {"resources": {"train_base": {"nproc": 2, "accum": 3}}, "base": {"train": {"batch_size": 33}}},
+            "base.train.batch_size: 33 is not divisible by resources.train_base.nproc x accum = 2 x 3",
         ),
         (
             {

@@ -56,12 +56,12 @@ def make_cfg(**kw) -> TrainConfig:
 
 
 def make_trainer(out: Path, cfg: TrainConfig | None = None, *, loss_fn=w.loss_fn, kind: str = "tinynet",
-                 width: int = 32, **kw) -> Trainer:  # fmt: skip
+                 width: int = 32, accum: int = 1, **kw) -> Trainer:  # fmt: skip
     cfg = cfg or make_cfg()
     torch.manual_seed(0)
     return Trainer(
         kind=kind, model=w.TinyNet(width=width), model_config={"width": width}, cfg=cfg, loss_fn=loss_fn,
-        make_train_iter=lambda k: w.synthetic_iter(5, 0, 1, cfg.accum, cfg.batch_size // cfg.accum, k),
+        make_train_iter=lambda k: w.synthetic_iter(5, 0, 1, accum, cfg.batch_size // accum, k), accum=accum,
         out_dir=out, fingerprint={"train": cfg.model_dump(mode="json")}, seed=1, val_fn=w.val_fn,
         make_val_iter=lambda: w.val_batches(0, 1), **kw,
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """Machine settings are not science (issue 14, points 2 and 4).
 
-`resources.<stage>` (ranks, loader and pool workers, torch.compile, tokenize's encoding batch) is
+`resources.<stage>` (ranks, loader and pool workers, torch.compile, gradient accumulation,
+tokenize's encoding batch, evaluate's SR batch) is
 read by the stages but declared by none, hashed by no checkpoint fingerprint and left out of the
 check stage: changing it reruns nothing, in DVC or Snakemake, and a training run resumes on another
 number of ranks. ARSR_RESOURCES__<STAGE>__<KEY> overrides it from the environment, a Snakemake
@@ -55,7 +56,8 @@ def test_changing_every_resource_reruns_nothing(proj: Path) -> None:
     res["shard"]["workers"] = 1
     res["tokenize"] = {"batch_size": 7, "workers": 1}
     for stage in ("train_base", "train_vqvae", "train_srvar", "train_mar"):
-        res[stage] = {"nproc": 4, "workers": 0, "compile": True}
+        res[stage] = {"nproc": 4, "workers": 0, "compile": True, "accum": 2}
+    res["evaluate"] = {"batch_size": 3}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = run(["dvc", "status", "--json"], proj).stdout
     assert json.loads(status) == {}, status
@@ -155,6 +157,24 @@ def test_tokens_do_not_depend_on_the_batch_size_or_the_workers(proj: Path, tmp_p
         assert _sha(out) == ref, f"batch {batch}: {sorted(k for k in ref if _sha(out).get(k) != ref[k])}"
         timing = json.loads((tmp_path / f"runs{batch}" / "tokenize" / "timing.json").read_text())
         assert timing["workers"] == 1 and timing["machine"]["cpus"] == 1, timing
+
+
+def test_sr_outputs_do_not_depend_on_the_evaluate_batch_size(proj: Path, tmp_path: Path) -> None:
+    """The DAG evaluated with 16 tiles a batch; one tile a batch and 5 (batches across images) give
+    the same per-image scores: every tile samples with its own seed (eval.seed, image, tile)."""
+    runs = tmp_path / "runs"  # the models only: the stage writes runs/evaluate/timing.json
+    for family in ("base", "vqvae", "srvar", "mar"):
+        (runs / family).mkdir(parents=True)
+        shutil.copy(proj / "runs" / family / "model.pt", runs / family / "model.pt")
+    ref = (proj / "eval/per_image.csv").read_text()
+    for batch in (1, 5):
+        out = tmp_path / f"eval{batch}"
+        env = _env() | {"ARSR_RESOURCES__EVALUATE__BATCH_SIZE": str(batch), "ARSR_DEVICE": "cpu"}
+        subprocess.run(
+            [PY, "-m", "arsr.stages.evaluate", "--out", str(out), "--runs", str(runs)],
+            cwd=proj, env=env, check=True, capture_output=True, timeout=600,
+        )  # fmt: skip
+        assert (out / "per_image.csv").read_text() == ref, f"batch {batch}"
 
 
 # --------------------------------------------------------------------------------------

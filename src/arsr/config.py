@@ -60,7 +60,6 @@ class TrainConfig(Section):
 
     max_steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="global batch (all ranks, all accum micro-steps)")
-    accum: int = Field(1, ge=1, description="gradient-accumulation micro-steps per optimizer step")
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     base_lr: float = Field(0.04, gt=0, description="lr = base_lr * batch_size / 256")
     schedule: Literal["lin0", "cos"] = "lin0"
@@ -82,9 +81,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        # (nproc x accum, with the ranks from resources: Params._cross_section)
-        if self.batch_size % self.accum:
-            _fail("batch_size", self.batch_size, f"is not divisible by accum = {self.accum}")
+        # (divisible by nproc x accum, both resources: Params._cross_section)
         if self.amp == "fp16":
             import torch
 
@@ -198,7 +195,6 @@ class EvalConfig(Section):
     protocol: Literal["rgb-uint8", "y-float"] = "rgb-uint8"
     max_val_images: int = Field(0, ge=0, description="0 = all val crops")
     tile_overlap: int = Field(16, ge=0)
-    batch_size: int = Field(16, ge=1, description="tiles super-resolved together")
     seed: int = 0
     num_samples: int = Field(4, ge=0, description="sample grids written")
     metrics: list[str] = Field(default_factory=lambda: list(METRICS), description="arsr.eval.registry names")
@@ -232,6 +228,9 @@ class TrainResources(Section):
     compile: bool = Field(
         False, description="torch.compile the training step (a GPU gains; minutes to build)"
     )
+    accum: int = Field(
+        1, ge=1, description="gradient-accumulation micro-steps per optimizer step (memory: same batch)"
+    )
 
 
 class ShardResources(Section):
@@ -243,6 +242,12 @@ class TokenizeResources(Section):
     workers: int = Field(2, ge=1, description="processes, each encoding whole shards (at most the CPUs)")
 
 
+class EvaluateResources(Section):
+    batch_size: int = Field(
+        16, ge=1, description="tiles super-resolved together (each tile has its own seed: same outputs)"
+    )
+
+
 class Resources(Section):
     shard: ShardResources = Field(default_factory=ShardResources)
     train_base: TrainResources = Field(default_factory=TrainResources)
@@ -250,6 +255,7 @@ class Resources(Section):
     tokenize: TokenizeResources = Field(default_factory=TokenizeResources)
     train_srvar: TrainResources = Field(default_factory=TrainResources)
     train_mar: Annotated[TrainResources, *recipe_field(TrainResources, workers=2)]
+    evaluate: EvaluateResources = Field(default_factory=EvaluateResources)
 
 
 class Params(Section):
@@ -283,10 +289,10 @@ class Params(Section):
         for stage, name in TRAINING_STAGES.items():
             train: TrainConfig = getattr(self, name).train
             res: TrainResources = getattr(self.resources, stage)
-            if train.batch_size % (res.nproc * train.accum):
+            if train.batch_size % (res.nproc * res.accum):
                 raise ValueError(
                     f"{name}.train.batch_size: {train.batch_size} is not divisible by "
-                    f"resources.{stage}.nproc x {name}.train.accum = {res.nproc} x {train.accum} (the batch "
+                    f"resources.{stage}.nproc x accum = {res.nproc} x {res.accum} (the batch "
                     "is global: the same training on any number of ranks)"
                 )
         lr = self.data.hr_size // self.data.scale

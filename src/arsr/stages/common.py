@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-from arsr.config import ConfigError, EvalConfig, Params, load_params, stage_param_values, tool_eval_config
+from arsr.config import (
+    ConfigError,
+    EvalConfig,
+    Params,
+    load_params,
+    parse_params,
+    stage_param_values,
+    tool_eval_config,
+)
 from arsr.data.tokens import TokenFactsError
 from arsr.eval.perceptual import WeightsCorrupt, WeightsMissing
 from arsr.proc import fit_threads
@@ -151,11 +159,28 @@ def add_tool_args(ap: argparse.ArgumentParser) -> None:
     """Options both tools take over params' eval section (the per-family sampling options come
     from the SR family registry: the tool adds them)."""
     ap.add_argument("--seed", type=int, help="sampling seed (default: params' eval.seed)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        help="tiles super-resolved together (memory and speed only: each tile has its own seed; "
+        "default: params' resources.evaluate.batch_size)",
+    )
+
+
+def tool_batch_size(args: argparse.Namespace) -> int:
+    """Tiles a standalone tool runs together: ``--batch-size``, else ``args.params``'
+    ``resources.evaluate.batch_size`` (its environment override applies), else the default."""
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size: {args.batch_size} must be at least 1")
+        return args.batch_size
+    path = Path(args.params)
+    return (load_params(path) if path.is_file() else parse_params({})).resources.evaluate.batch_size
 
 
 def settings_summary(cfg: EvalConfig) -> dict[str, Any]:
     """The settings that decide a tool's SR outputs: seed, tiling, each family's sampling."""
-    out: dict[str, Any] = {"seed": cfg.seed, "tile_overlap": cfg.tile_overlap, "batch_size": cfg.batch_size}
+    out: dict[str, Any] = {"seed": cfg.seed, "tile_overlap": cfg.tile_overlap}
     for name in EvalConfig.model_fields:
         value = getattr(cfg, name)
         if dataclasses.is_dataclass(value):  # a family's sampling settings (eval.srvar, eval.mar)

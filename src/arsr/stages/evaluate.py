@@ -60,6 +60,7 @@ from arsr.stages.common import (
     settings_summary,
     shards_artifact,
     stage_parser,
+    tool_batch_size,
     tool_settings,
 )
 
@@ -111,13 +112,16 @@ def folder_images(folder: Path, scale: int) -> list[EvalImage]:
     return images
 
 
-def super_resolve(method: str, images: list[EvalImage], upscalers: dict, cfg: EvalConfig) -> list[np.ndarray]:
-    """SR outputs of one method for all images (their tiles batched together)."""
+def super_resolve(
+    method: str, images: list[EvalImage], upscalers: dict, cfg: EvalConfig, batch_size: int
+) -> list[np.ndarray]:
+    """SR outputs of one method for all images (their tiles ``batch_size`` at a time: each tile has
+    its own seed, so the outputs do not depend on it)."""
     if method == "bicubic":
         return [imresize(img.lr, output_shape=img.hr.shape[:2]) for img in images]
     srcs = [as_rgb(img.hr) if method == "vqvae_rec" else as_rgb(img.lr) for img in images]
     up, ov = upscalers[method], cfg.tile_overlap
-    srs = upscale_images(srcs, up, overlap_hr=ov, batch_size=cfg.batch_size, seed=cfg.seed, desc=method)
+    srs = upscale_images(srcs, up, overlap_hr=ov, batch_size=batch_size, seed=cfg.seed, desc=method)
     return [sr[..., 0] if img.hr.ndim == 2 else sr for sr, img in zip(srs, images)]  # grey stays grey
 
 
@@ -173,9 +177,10 @@ def evaluate(
     cfg: EvalConfig,
     metrics: list[Metric],
     device: str = "cpu",
+    batch_size: int = 16,
 ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
     """Per-image scores (columns dataset, image, method, one per metric) and each method's outputs."""
-    outputs = {m: super_resolve(m, images, upscalers, cfg) for m in methods}
+    outputs = {m: super_resolve(m, images, upscalers, cfg, batch_size) for m in methods}
     frames = []
     for m in methods:
         scores = score_method(m, images, outputs[m], metrics, scale, cfg.protocol, device)
@@ -261,12 +266,13 @@ def run_dag(args: argparse.Namespace, params: Params) -> None:
     for old in (out / "samples").glob("*.png"):
         old.unlink()
     images = val_images(Path(args.shards), cfg.max_val_images)
-    per_image, outputs = evaluate(images, methods, upscalers, scale, cfg, metrics, str(device))
+    batch = params.resources.evaluate.batch_size
+    per_image, outputs = evaluate(images, methods, upscalers, scale, cfg, metrics, str(device), batch)
     grids = write_samples(images, outputs, scale, cfg.num_samples, out / "samples")
     tables = [(images, outputs)]
     for folder in cfg.benchmarks:
         bench = folder_images(Path(folder), scale)
-        bench_rows, bench_out = evaluate(bench, methods, upscalers, scale, cfg, metrics, str(device))
+        bench_rows, bench_out = evaluate(bench, methods, upscalers, scale, cfg, metrics, str(device), batch)
         per_image = pd.concat([per_image, bench_rows], ignore_index=True)
         tables.append((bench, bench_out))
     summary = summarize(per_image, metrics)
@@ -342,7 +348,8 @@ def run_standalone(args: argparse.Namespace) -> int:
     metrics, device = chosen_metrics(names), default_device()
     upscalers = load_upscalers(methods, Path(args.model_dir), cfg)
     images = folder_images(Path(args.hr_dir), args.scale)
-    per_image, _ = evaluate(images, methods, upscalers, args.scale, cfg, metrics, str(device))
+    batch = tool_batch_size(args)
+    per_image, _ = evaluate(images, methods, upscalers, args.scale, cfg, metrics, str(device), batch)
     summary = summarize(per_image, metrics)
     dataset = images[0].dataset
     result = {
@@ -398,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.hr_dir is None:
         sampling = [f"{f}_{k}" for f, o in sampling_overrides(args).items() for k in o]
-        extra = _given(args, [*TOOL_DEFAULTS, "protocol", "json", "metrics", "seed"]) + [
+        extra = _given(args, [*TOOL_DEFAULTS, "protocol", "json", "metrics", "seed", "batch_size"]) + [
             f"--{d.replace('_', '-')}" for d in sampling
         ]
         if extra:

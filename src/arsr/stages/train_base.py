@@ -160,14 +160,14 @@ def shard_facts(shards: Path) -> tuple[int, int]:
 
 def train(params: Params, shards: Path, out: Path) -> dict[str, float]:
     cfg, tcfg = params.base, params.base.train
-    res = params.resources.train_base  # loader workers, compile: the machine's, not fingerprinted
+    res = params.resources.train_base  # loader workers, compile, accum: the machine's, not fingerprinted
     fp = fingerprint("train_base", params, PARAMS, [shards])  # fails early if the shards are missing
     scale, hr_size = shard_facts(shards)
     dist = init_distributed()
     torch.manual_seed(params.seed)  # identical initial weights on every rank
     model = BaseSR(cfg.model, scale)
     train_urls, val_urls = shard_urls(shards, "train"), shard_urls(shards, "val")
-    mb = micro_batch_size(tcfg, dist.world_size)
+    mb = micro_batch_size(tcfg, dist.world_size, res.accum)
 
     def loss_fn(
         model: nn.Module, batch: dict[str, torch.Tensor]
@@ -193,6 +193,7 @@ def train(params: Params, shards: Path, out: Path) -> dict[str, float]:
         model_config=model.model_config(),
         cfg=tcfg,
         compile=res.compile,
+        accum=res.accum,
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(train_urls, decode_hr_lr, mb, params.seed, dist, res.workers),
         out_dir=out,

@@ -158,7 +158,7 @@ class Validator:
 # --------------------------------------------------------------------------------------
 def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Path) -> dict[str, float]:
     cfg, tcfg = params.mar, params.mar.train
-    res = params.resources.train_mar  # loader workers, compile: the machine's, not fingerprinted
+    res = params.resources.train_mar  # loader workers, compile, accum: the machine's, not fingerprinted
     fp = fingerprint("train_mar", params, PARAMS, [tokens, vqvae_path, shards])  # fails early if missing
     facts, vqvae_file = read_token_facts(tokens, vqvae_path)
     norm, use_labels = LatentNorm(facts.mean, facts.std), facts.num_classes > 0
@@ -167,7 +167,7 @@ def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Pat
     lr_norm = make_lr_norm(facts, train_urls)
     torch.manual_seed(params.seed)  # identical initial weights on every rank
     model = build_mar_sr(cfg.model, facts)
-    mb = micro_batch_size(tcfg, dist.world_size)
+    mb = micro_batch_size(tcfg, dist.world_size, res.accum)
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         loss = mar_loss(model, batch, norm, lr_norm, use_labels)
@@ -192,6 +192,7 @@ def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Pat
         model_config=model.model_config(),
         cfg=tcfg,
         compile=res.compile,
+        accum=res.accum,
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, res.workers),
         out_dir=out,

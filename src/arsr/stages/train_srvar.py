@@ -143,7 +143,7 @@ def build_model(cfg: SRVARSection, facts: TokenFacts, refiner_scale: float) -> S
 
 def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
     cfg, tcfg = params.srvar, params.srvar.train
-    res = params.resources.train_srvar  # loader workers, compile: the machine's, not fingerprinted
+    res = params.resources.train_srvar  # loader workers, compile, accum: the machine's, not fingerprinted
     tokens, vqvae_path, shards, out = Path(args.tokens), Path(args.vqvae), Path(args.shards), Path(args.out)
     inputs = [tokens, vqvae_path, shards] + ([Path(cfg.init_from)] if cfg.init_from else [])
     fp = fingerprint("train_srvar", params, PARAMS, inputs)  # also fails early on a missing input
@@ -158,7 +158,7 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
         print0(f"train_srvar: refiner target scale (std of f - f_hat on train tokens) {refiner_scale:.4g}")
     torch.manual_seed(params.seed)  # identical initial weights on every rank
     model = build_model(cfg, facts, refiner_scale)
-    mb = micro_batch_size(tcfg, dist.world_size)
+    mb = micro_batch_size(tcfg, dist.world_size, res.accum)
     pairs = first_val_pairs(shards, NUM_PREVIEWS) if dist.is_main else None
 
     def on_val(step: int, ema_model: nn.Module, run: WandbRun) -> dict[str, float] | None:
@@ -180,6 +180,7 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
         model_config=model.model_config(),
         cfg=tcfg,
         compile=res.compile,
+        accum=res.accum,
         loss_fn=make_loss_fn(vae, cfg),
         make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, res.workers),
         out_dir=out,

@@ -353,12 +353,12 @@ def load_frozen_base(path: Path, shards: Path, device: torch.device) -> tuple[Ba
 
 def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path: Path) -> dict[str, float]:
     tcfg = cfg.train
-    res = params.resources.train_vqvae  # loader workers, compile: the machine's, not fingerprinted
+    res = params.resources.train_vqvae  # loader workers, compile, accum: the machine's, not fingerprinted
     dist = init_distributed()
     torch.manual_seed(params.seed)  # identical initial weights on every rank
     vae = VQVAE(cfg.model)
     train_urls, val_urls = shard_urls(shards, "train"), shard_urls(shards, "val")
-    mb = micro_batch_size(tcfg, dist.world_size)
+    mb = micro_batch_size(tcfg, dist.world_size, res.accum)
     residual = cfg.target == "residual"
 
     base, extra, inputs = None, {"target": "hr"}, [shards]
@@ -423,6 +423,7 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path:
         model_config=vae.model_config(),
         cfg=tcfg,
         compile=res.compile,
+        accum=res.accum,
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(
             train_urls, decode_pair if residual else decode_hr, mb, params.seed, dist, res.workers

@@ -26,7 +26,14 @@ from arsr.data.sources import IMAGE_SUFFIXES, ImageError, SourceImage, load_rgb
 from arsr.infer.registry import FAMILIES, add_sampling_args, load_upscaler, sampling_overrides
 from arsr.infer.tiling import upscale_image
 from arsr.progress import progress
-from arsr.stages.common import add_tool_args, default_device, report_errors, stage_parser, tool_settings
+from arsr.stages.common import (
+    add_tool_args,
+    default_device,
+    report_errors,
+    stage_parser,
+    tool_batch_size,
+    tool_settings,
+)
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -42,7 +49,7 @@ def list_inputs(path: Path) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     eval_cfg = tool_settings("upscale", args, sampling_overrides(args))
-    seed = eval_cfg.seed  # (--seed applied)
+    seed, batch = eval_cfg.seed, tool_batch_size(args)  # (--seed, --batch-size applied)
     device = torch.device(args.device) if args.device else default_device()
     upscaler = load_upscaler(args.model, eval_cfg, device)
     inputs = list_inputs(Path(args.input))
@@ -56,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"upscale: skipped {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        sr = upscale_image(lr, upscaler, eval_cfg.tile_overlap, eval_cfg.batch_size, seed=seed, device=device)
+        sr = upscale_image(lr, upscaler, eval_cfg.tile_overlap, batch, seed=seed, device=device)
         Image.fromarray(np.ascontiguousarray(sr)).save(out_dir / f"{path.stem}_x{upscaler.scale}.png")
     print(
         f"upscale: {len(inputs) - failed} image(s) -> {out_dir}"

@@ -3,8 +3,8 @@
 A stage builds its model (a plain ``nn.Module``), a loss function and its data iterators, then::
 
     d = init_distributed()
-    mb = micro_batch_size(cfg, d.world_size)           # samples per rank per micro-step
-    trainer = Trainer(kind="mar", model=model, model_config=kwargs, cfg=cfg, loss_fn=loss_fn,
+    mb = micro_batch_size(cfg, d.world_size, res.accum)   # samples per rank per micro-step
+    trainer = Trainer(kind="mar", model=model, model_config=kwargs, cfg=cfg, accum=res.accum, loss_fn=loss_fn,
                       make_train_iter=lambda k: train_loader(..., micro_batch=mb, start_step=k),
                       out_dir="runs/mar", fingerprint=fp, seed=params.seed, dist_info=d, ...)
     result = trainer.fit()
@@ -119,12 +119,13 @@ class TrainingInterrupted(SystemExit):
     """SIGTERM/SIGUSR1: a checkpoint was written; exit non-zero (128 + signal) so SLURM can requeue."""
 
 
-def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    """Samples per rank per micro-step for the global ``cfg.batch_size`` on ``world_size`` ranks."""
-    per_step = world_size * cfg.accum
+def micro_batch_size(cfg: TrainConfig, world_size: int, accum: int = 1) -> int:
+    """Samples per rank per micro-step for the global ``cfg.batch_size`` on ``world_size`` ranks
+    with ``accum`` micro-steps each."""
+    per_step = world_size * accum
     if cfg.batch_size % per_step:
         raise ValueError(
-            f"batch_size {cfg.batch_size} is not divisible by world size {world_size} x accum {cfg.accum}"
+            f"batch_size {cfg.batch_size} is not divisible by world size {world_size} x accum {accum}"
         )
     return cfg.batch_size // per_step
 
@@ -210,6 +211,8 @@ class Trainer:
         dist_info: from :func:`init_distributed` (called here when omitted).
         compile: ``torch.compile`` the training step (the stage's ``resources.<stage>.compile``: how
             the machine runs it, kept out of ``cfg`` and of the fingerprint).
+        accum: gradient-accumulation micro-steps per optimizer step (``resources.<stage>.accum``:
+            memory, not science; the global batch and its samples are the same for any value).
     """
 
     def __init__(
@@ -232,9 +235,10 @@ class Trainer:
         on_val: OnVal | None = None,
         dist_info: DistInfo | None = None,
         compile: bool = False,
+        accum: int = 1,
     ):
         self.kind, self.model_config, self.cfg = kind, model_config, cfg
-        self.compile = compile
+        self.compile, self.accum = compile, accum
         self.loss_fn, self.make_train_iter = loss_fn, make_train_iter
         self.val_fn, self.make_val_iter = val_fn, make_val_iter
         self.no_weight_decay, self.model_extra = no_weight_decay, model_extra
@@ -243,7 +247,7 @@ class Trainer:
         self.fingerprint, self.seed = fingerprint, seed
         self.dist = dist_info or init_distributed()
         self.ckpt_path = self.out_dir / "ckpt" / "last.pt"
-        micro_batch_size(cfg, self.dist.world_size)  # fail early on an impossible split
+        micro_batch_size(cfg, self.dist.world_size, accum)  # fail early on an impossible split
         if cfg.amp == "fp16" and self.dist.device.type != "cuda":
             raise ValueError("amp: fp16 needs CUDA; use bf16 or none on CPU")
 
@@ -335,8 +339,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         print0(
             f"{self.kind}: {n_params:,} trainable params, {d.world_size} rank(s) on {d.device.type}, "
-            f"batch {cfg.batch_size} = {micro_batch_size(cfg, d.world_size)} x {d.world_size} ranks x "
-            f"{cfg.accum} accum, peak lr {peak_lr(cfg):.3g}, amp {cfg.amp}"
+            f"batch {cfg.batch_size} = {micro_batch_size(cfg, d.world_size, self.accum)} x "
+            f"{d.world_size} ranks x {self.accum} accum, peak lr {peak_lr(cfg):.3g}, amp {cfg.amp}"
         )
         return rng_state
 
@@ -363,15 +367,15 @@ class Trainer:
         self.ddp_model.train()
         loss_sum = torch.zeros((), device=d.device)
         step_metrics: list[Metrics] = []
-        for a in range(cfg.accum):
+        for a in range(self.accum):
             batch = to_device(next(train_iter), d.device)
-            last = a == cfg.accum - 1
+            last = a == self.accum - 1
             # Gradients are all-reduced once per step, in the last micro-step's backward.
             sync = nullcontext() if last or not d.is_distributed else self.ddp_model.no_sync()
             with sync:
                 with self._autocast():
                     loss, metrics = self.loss_fn(self.ddp_model, batch)
-                scaler.scale(loss / cfg.accum).backward()
+                scaler.scale(loss / self.accum).backward()
             loss_sum += loss.detach().float()
             step_metrics.append(metrics)
 
@@ -385,7 +389,7 @@ class Trainer:
         # them skip, stop and checkpoint at the same step.
         stop_flag = torch.tensor(float(self._stop_signal), device=d.device)
         due_flag = torch.tensor(float(d.is_main and self._ckpt_due()), device=d.device)
-        stats = torch.stack([loss_sum / cfg.accum, grad_norm.float(), stop_flag, due_flag])
+        stats = torch.stack([loss_sum / self.accum, grad_norm.float(), stop_flag, due_flag])
         loss_val, gnorm, stop, due = (all_reduce_sum_(stats) / d.world_size).tolist()
 
         # fp16: the scaler skips steps with inf/nan gradients itself (and lowers its scale);
@@ -549,7 +553,7 @@ class Trainer:
             if self.step < cfg.max_steps:
                 # Before restoring the RNG: a DataLoader draws its base seed from the global RNG
                 # when its iterator is made, which the uninterrupted run also did before step 1.
-                train_iter = iter(self.make_train_iter(self.step * cfg.accum))
+                train_iter = iter(self.make_train_iter(self.step * self.accum))
             else:
                 print0(f"already trained {self.step} steps: rewriting the outputs only")
             if rng_state is not None:
