@@ -6,6 +6,7 @@ family no ``eval.base`` section and no ``--base-*`` options.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ class BaseUpscaler:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, lr_B3hw: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def __call__(self, lr_B3hw: torch.Tensor, seed: int | Sequence[int] = 0) -> torch.Tensor:
+        """``seed`` (an int or one per tile) is ignored: the base is deterministic."""
         lr_size = self.hr_size // self.scale
         if lr_B3hw.shape[1:] != (3, lr_size, lr_size):
             raise ValueError(f"LR tiles must be [B,3,{lr_size},{lr_size}], got {tuple(lr_B3hw.shape)}")

@@ -17,6 +17,7 @@ from arsr.data.tokens import TokenFacts
 from arsr.infer.tokenizer import load_tokenizer, lr_condition
 from arsr.models.mar import MAR, MARConfig
 from arsr.models.residual import SRTokenizer
+from arsr.models.rng import make_generator
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class MARUpscaler:
     de-normalized samples are re-quantized by the multi-scale quantizer (f -> f_hat) and decoded by
     the tokenizer with the LR tile, so the decoder sees the inputs it was trained on (reference §9,
     decode path (b)). Models trained with labels sample without them (LR alone).
+
+    ``seed``: an int (one generator for the batch) or one int per tile (a generator per tile: a
+    tile's orders and noise, so its output, do not depend on the other tiles of the batch).
     """
 
     def __init__(
@@ -129,9 +133,9 @@ class MARUpscaler:
         return self.tok.fhat_to_img(f_hat, lr_B3hw.to(f_hat.device).float())
 
     @torch.no_grad()
-    def __call__(self, lr_B3hw: Tensor, seed: int) -> Tensor:
+    def __call__(self, lr_B3hw: Tensor, seed: int | Sequence[int]) -> Tensor:
         self.model.eval()  # no dropout, no condition drop while sampling
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = make_generator(seed, self.device, rows=lr_B3hw.shape[0])
         s = self.sampling
         x = self.model.sample_tokens(
             self.condition(lr_B3hw), num_iter=s.num_iter, cfg=s.cfg, cfg_schedule=s.cfg_schedule,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ from arsr.data.loader import to_uint8
 from arsr.data.tokens import TokenFacts
 from arsr.infer.tokenizer import load_tokenizer, lr_condition
 from arsr.models.residual import SRTokenizer
+from arsr.models.rng import make_generator
 from arsr.models.srvar import SRVAR, SRVARConfig
 
 
@@ -39,6 +41,9 @@ class SRVARUpscaler:
     the token shards hold), SRVAR decodes f_hat [B,Cv,g,g] scale by scale (refiner residual included
     when the model has one and ``refine``), and the tokenizer turns f_hat and the LR tile into the
     image (``SRTokenizer.fhat_to_img``: base(LR) + sigma * D(f_hat) for ``residual``, D(f_hat) for ``hr``).
+
+    ``seed``: an int (one generator for the batch) or one int per tile (tile b's tokens and refiner
+    noise from its own generator: its output does not depend on the other tiles of the batch).
     """
 
     def __init__(self, model: SRVAR, tok: SRTokenizer, facts: TokenFacts, sampling: SRVARSampling):
@@ -52,13 +57,13 @@ class SRVARUpscaler:
         self.refine = True  # with a refiner: add its sampled residual (False: tokens only)
 
     @torch.no_grad()
-    def __call__(self, lr_B3hw: torch.Tensor, seed: int) -> torch.Tensor:
+    def __call__(self, lr_B3hw: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor:
         lr_size = self.hr_size // self.scale
         if lr_B3hw.shape[1:] != (3, lr_size, lr_size):
             raise ValueError(f"LR tiles must be [B,3,{lr_size},{lr_size}], got {tuple(lr_B3hw.shape)}")
         lrf = lr_condition(self.tok, [to_uint8(lr) for lr in lr_B3hw], self.hr_size).float()
         s = self.sampling
-        generator = torch.Generator(lrf.device).manual_seed(seed)
+        generator = make_generator(seed, lrf.device, rows=lrf.shape[0])
         f_hat, _ = self.model.sample_fhat(
             lrf, self.tok.vae, s.cfg, s.top_k, s.top_p, generator, refine=self.refine, decode=s.decode,
             temperature=s.temperature,

@@ -136,7 +136,8 @@ class VQVAEReconstructor:
         self.device = next(tok.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, hr_B3HW: torch.Tensor, seed: int) -> torch.Tensor:
+    def __call__(self, hr_B3HW: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor:
+        """HR tiles [B,3,H,W] -> their reconstructions; ``seed`` is ignored (deterministic)."""
         lr = None
         if self.tok.target == "residual":
             s = self.tok.base.scale

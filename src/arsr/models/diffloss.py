@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from arsr.models import rng
 from arsr.models.diffusion import create_diffusion, randn_like
 
 
@@ -164,7 +165,7 @@ class DiffLoss(nn.Module):
         z: Tensor,
         temperature: float = 1.0,
         cfg: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: rng.AnyGenerator = None,
         z_uncond: Tensor | None = None,
     ) -> Tensor:
         """Draw one token per row of z [N, Dz] -> [N, C].
@@ -173,6 +174,10 @@ class DiffLoss(nn.Module):
         condition) is given: the net runs on both halves with the *same* x and only eps is guided,
         eps = eps_u + cfg * (eps_c - eps_u); the variance channels come from the conditional half.
         With cfg=1 this equals the unguided sample.
+
+        All noise (x_T and every step's) has z's N rows, guided or not. With
+        :class:`~arsr.models.rng.RowGenerators` of B generators, rows [b*N/B, (b+1)*N/B) draw from
+        generator b: the caller lays z out as B equal chunks, chunk b the tokens of image b.
         """
         n = z.shape[0]
         x_T = randn_like(z.new_empty(n, self.in_channels), generator)

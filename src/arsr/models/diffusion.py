@@ -11,7 +11,9 @@ The setting MAR uses from IDDPM/ADM, and only that:
 A denoiser is any callable ``model(x_NC, t_N) -> out_N2C`` (bind conditions with a closure); ``t_N``
 are original timesteps. Schedules are float64 numpy arrays like the reference and are gathered to
 the input's dtype and device on use; nothing is moved to a GPU implicitly. Every random draw takes
-an optional ``torch.Generator`` so sampling is reproducible.
+an optional ``torch.Generator`` so sampling is reproducible; the samplers also take
+:class:`~arsr.models.rng.RowGenerators` (noise row chunk b from generator b, rows [N, ...] split
+into equal chunks), so a row's noise does not depend on the other rows of the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from arsr.models import rng
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -235,7 +239,7 @@ class GaussianDiffusion:
         t: Tensor,
         temperature: float = 1.0,
         clip_denoised: bool = False,
-        generator: torch.Generator | None = None,
+        generator: rng.AnyGenerator = None,
     ) -> Tensor:
         """One ancestral step x_t -> x_{t-1}; temperature scales only the added noise (ADM/MAR)."""
         mean, logvar, _ = self.p_mean_variance(model, x, t, clip_denoised)
@@ -249,7 +253,7 @@ class GaussianDiffusion:
         x_T: Tensor,
         temperature: float = 1.0,
         clip_denoised: bool = False,
-        generator: torch.Generator | None = None,
+        generator: rng.AnyGenerator = None,
     ) -> Tensor:
         """Ancestral sampling from x_T (pure noise, [N, C, ...]) down to x_0.
 
@@ -282,7 +286,7 @@ class GaussianDiffusion:
         t: Tensor,
         eta: float = 0.0,
         clip_denoised: bool = False,
-        generator: torch.Generator | None = None,
+        generator: rng.AnyGenerator = None,
     ) -> Tensor:
         """One DDIM step x_t -> x_{t-1} (eta=0: deterministic). Temperature does not apply."""
         _, _, x0 = self.p_mean_variance(model, x, t, clip_denoised)
@@ -306,7 +310,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def ddim_sample_loop(
-        self, model: Denoiser, x_T: Tensor, eta: float = 0.0, generator: torch.Generator | None = None
+        self, model: Denoiser, x_T: Tensor, eta: float = 0.0, generator: rng.AnyGenerator = None
     ) -> Tensor:
         x = x_T
         for i in reversed(range(self.num_timesteps)):
@@ -375,8 +379,9 @@ def create_diffusion(
     return GaussianDiffusion(new_betas, timestep_map=kept)
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise like x; drawn on the generator's device, then moved to x's."""
+def randn_like(x: Tensor, generator: rng.AnyGenerator = None) -> Tensor:
+    """Standard normal noise like x; drawn on the generator's device, then moved to x's. With
+    :class:`~arsr.models.rng.RowGenerators` x's rows [N, ...] are split into one chunk per generator."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return rng.randn(x.shape, generator, x.device, x.dtype)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arsr.models import rng
+
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p (training only)."""
@@ -261,9 +263,12 @@ class AdaLNBeforeHead(nn.Module):
 
 
 def sample_top_k_top_p(
-    logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None
+    logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, generator: rng.AnyGenerator = None
 ) -> torch.Tensor:
     """Sample one token per position -> idx_Bl. Does NOT modify ``logits_BlV`` (VAR's helper does).
+
+    With :class:`~arsr.models.rng.RowGenerators` (one per batch row) row b's l tokens are drawn with
+    generator b: the B*l draws are row-major, so chunk b of the flattened rows is image b.
 
     top_k keeps the k largest logits; top_p keeps the smallest set of the largest tokens whose
     probability reaches p (the largest is always kept). 0 disables either filter. Same distribution
@@ -280,7 +285,7 @@ def sample_top_k_top_p(
         probs = logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly larger candidates
         logits = logits.masked_fill(mass_before >= top_p, -torch.inf)
-    pick_N1 = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    pick_N1 = rng.multinomial(logits.softmax(dim=-1), 1, generator)  # [B*l,1], row-major: b, then l
     if cand_idx is not None:
         pick_N1 = cand_idx.gather(-1, pick_N1)
     return pick_N1.view(B, l)

@@ -17,7 +17,8 @@ Two modes share one module:
 Inputs are *normalized* latents: the caller divides HR targets and LR latents by the per-channel
 stats (no file I/O here). Masks are bool with True = masked (to predict). Every random draw (orders,
 mask ratio, condition drop, diffusion t and noise) takes an optional ``torch.Generator``; dropout
-uses torch's global RNG.
+uses torch's global RNG. Sampling also takes :class:`~arsr.models.rng.RowGenerators` (one generator
+per batch row: a row's sample then does not depend on the batch it is in).
 
 Shapes: B batch, L = h*w/p^2 tokens, c = C*p^2 token width, buf = buffer_size, De/Dd widths.
 """
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from annotated_types import Ge, Gt, Lt
 from torch import Tensor
 
+from arsr.models import rng
 from arsr.models.diffloss import DiffLoss
 
 
@@ -132,10 +134,12 @@ def tokens_per_step(seq_len: int, num_iter: int) -> list[int]:
     return [b - a for b, a in zip(before, after)]
 
 
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, **kw) -> Tensor:
-    """U[0, 1) drawn on the generator's device (reproducible anywhere), returned on ``device``."""
-    gen_device = device if generator is None else generator.device
-    return torch.rand(shape, generator=generator, device=gen_device, **kw).to(device)
+def _rand(
+    shape: tuple[int, ...], generator: rng.AnyGenerator, device: torch.device, dtype: rng.Dtype = None
+) -> Tensor:
+    """U[0, 1) drawn on the generator's device (reproducible anywhere), returned on ``device``
+    (:class:`~arsr.models.rng.RowGenerators`: the first dim split into one chunk per generator)."""
+    return rng.rand(shape, generator, device, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -292,8 +296,9 @@ class MAR(nn.Module):
         return x.reshape(B, -1, h * p, w * p)
 
     # ---- randomness -----------------------------------------------------------------------
-    def sample_orders(self, B: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """One random permutation of the L positions per sample: [B, L] long."""
+    def sample_orders(self, B: int, device: torch.device, generator: rng.AnyGenerator = None) -> Tensor:
+        """One random permutation of the L positions per sample: [B, L] long (row b from generator b
+        with :class:`~arsr.models.rng.RowGenerators`)."""
         return _rand((B, self.seq_len), generator, device).argsort(dim=1)
 
     def sample_mask_ratio(self, generator: torch.Generator | None = None) -> float:
@@ -431,7 +436,7 @@ class MAR(nn.Module):
         cfg: float = 1.0,
         cfg_schedule: Literal["linear", "constant"] = "linear",
         temperature: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: rng.AnyGenerator = None,
     ) -> Tensor:
         """Generate normalized latents [B, C, H, W] in ``num_iter`` steps (call ``eval()`` first).
 
@@ -439,6 +444,11 @@ class MAR(nn.Module):
         random order (cosine schedule) and samples them with the diffusion head. With cfg != 1 the
         batch is doubled with the learned nulls and eps is guided with
         cfg_iter = 1 + (cfg-1)(L - mask_len)/L ('linear', rising as tokens are revealed) or cfg.
+
+        ``generator``: one for the batch, or :class:`~arsr.models.rng.RowGenerators` (one per row:
+        row b's orders and diffusion noise come from generator b, so its sample does not depend on
+        the other rows). Every row reveals the same number of tokens per step and ``z[:B][to_pred]``
+        lists them row-major, so the head's rows split into B equal chunks, chunk b image b's.
         """
         if lrf_BChw is not None:
             B = lrf_BChw.shape[0]
@@ -470,8 +480,8 @@ class MAR(nn.Module):
             mask_next = self._mask_first(orders, mask_len)
             to_pred = mask if step == num_iter - 1 else mask & ~mask_next
             cfg_iter = 1 + (cfg - 1) * (L - mask_len) / L if cfg_schedule == "linear" else cfg
-            z_uncond = z[B:][to_pred] if guided else None
-            tokens[to_pred] = self.diffloss.sample(
+            z_uncond = z[B:][to_pred] if guided else None  # [B*k, Dd], the same rows' null pass
+            tokens[to_pred] = self.diffloss.sample(  # z[:B][to_pred]: [B*k, Dd], row-major (k per row)
                 z[:B][to_pred].float(), temperature, cfg_iter, generator, z_uncond=z_uncond
             ).to(tokens.dtype)
             mask = mask_next

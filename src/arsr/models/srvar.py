@@ -52,6 +52,7 @@ from torch import nn
 
 from arsr.models.diffloss import DiffLoss
 from arsr.models.layers import AttentivePool, RMSNorm, sample_top_k_top_p
+from arsr.models.rng import AnyGenerator
 from arsr.models.var import (
     NextScaleAR,
     Picker,
@@ -92,7 +93,7 @@ def token_picker(
     top_k: int = 0,
     top_p: float = 0.0,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: AnyGenerator = None,
 ) -> Picker:
     """The picker of a hard decode: ``sample`` (top-k / top-p of logits / temperature; at temperature 1
     exactly VAR's sampler) or ``greedy`` (argmax). ``soft`` needs the AR loop's embeddings:
@@ -317,7 +318,7 @@ class SRVAR(NextScaleAR):
         cfg: float = 1.5,
         top_k: int = 0,
         top_p: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: AnyGenerator = None,
         use_cache: bool = True,
         pick: Picker | None = None,
         refine: bool = True,
@@ -334,6 +335,10 @@ class SRVAR(NextScaleAR):
         ``pick`` replaces the decode (it gets the raw logits [nB,l,V], n = 2 when cfg != 0), e.g. to
         feed ground-truth tokens through the KV cache. With a refiner and ``refine``, the sampled
         residual (no CFG) times ``refiner_scale`` is added to f_hat.
+
+        ``generator``: one for the batch, or :class:`~arsr.models.rng.RowGenerators` with one per row
+        of lrf (row b's tokens and refiner noise from generator b: its sample does not depend on the
+        other rows).
         """
         if decode not in DECODES:
             raise ValueError(f"decode: {decode!r} is not one of {', '.join(DECODES)}")
@@ -356,6 +361,7 @@ class SRVAR(NextScaleAR):
             cond_BD, codes, B, pick, kv_BLC, use_cache, guide, self.lr_inputs(lrf_BlClr)
         )
         if self.has_refiner and refine:
+            # z_NC [B*l,C] row-major (image b's l tokens together): the noise chunks follow the images
             z_NC = self._refiner_cond(h_BlC[:B], idx_Bl_list[-1], codes).reshape(-1, self.C)
             r_NC = self.refiner.sample(z_NC, generator=generator).float() * self.refiner_scale
             f_hat = f_hat + r_NC.view(B, self.lr_len, self.Cvae).transpose(1, 2).reshape_as(f_hat)
@@ -370,7 +376,7 @@ class SRVAR(NextScaleAR):
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: AnyGenerator = None,
         use_cache: bool = True,
         refine: bool = True,
         decode: Decode = "sample",

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arsr.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, AttnPlan, CrossAttnBlock, sample_top_k_top_p
+from arsr.models.rng import AnyGenerator
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256 px pyramid, L = 680
 
@@ -259,7 +260,7 @@ class NextScaleAR(nn.Module):
                 b.ca.kv_caching(enable)
 
     @staticmethod
-    def sampler(top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None) -> Picker:
+    def sampler(top_k: int = 0, top_p: float = 0.0, generator: AnyGenerator = None) -> Picker:
         """The default picker: top-k / top-p sampling of the (guided) logits."""
         return lambda si, logits_BlV: sample_top_k_top_p(logits_BlV, top_k, top_p, generator)
 
@@ -359,7 +360,7 @@ class VAR(NextScaleAR):
         cfg: float = 1.5,
         top_k: int = 0,
         top_p: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: AnyGenerator = None,
         use_cache: bool = True,
         pick: Picker | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -389,7 +390,7 @@ class VAR(NextScaleAR):
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: AnyGenerator = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample images [B,3,H,W] in [0,1]. ``seed`` makes a fresh generator (same seed, same image)."""

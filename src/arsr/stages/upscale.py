@@ -56,14 +56,15 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path in progress(inputs, desc="upscale", unit="img"):
+    # The i-th file samples as the i-th image of `arsr evaluate --hr-dir` (the same sorted order).
+    for index, path in enumerate(progress(inputs, desc="upscale", unit="img")):
         try:
             lr, _notes = load_rgb(SourceImage("in", path.name, path, 0), 89_478_485)
         except ImageError as err:
             print(f"upscale: skipped {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        sr = upscale_image(lr, upscaler, eval_cfg.tile_overlap, batch, seed=seed, device=device)
+        sr = upscale_image(lr, upscaler, eval_cfg.tile_overlap, batch, seed=seed, device=device, index=index)
         Image.fromarray(np.ascontiguousarray(sr)).save(out_dir / f"{path.stem}_x{upscaler.scale}.png")
     print(
         f"upscale: {len(inputs) - failed} image(s) -> {out_dir}"
