@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import TINY_PARAMS, dag_rules_and_metrics, make_project, run, sha_tree
+from pipeline_fixtures import TINY_PARAMS, _env, dag_rules_and_metrics, make_project, run, sha_tree
 
 from arsr.stages.launch import build_command, rendezvous_port, threads_per_rank
 
+# The README's recipe: a site profile (here the CI cluster's) under the workflow profile.
+PROFILES = ["--profile", ".ci/slurm-profile", "--workflow-profile", "workflow/profiles/slurm"]
 SMK_TIMEOUT_S = 1500  # the whole tiny DAG on 2 CPUs, plus ~10-40 s of SLURM status polling per stage
 # The first cluster test also builds the local reference run (smk_project) when no other test has.
 CLUSTER_TEST_TIMEOUT_S = SMK_TIMEOUT_S + 900
@@ -81,13 +83,14 @@ def _cancel_jobs_in(proj: Path) -> None:
 def slurm_run(
     slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, float, str]]:
-    """The tiny DAG built by `snakemake --workflow-profile workflow/profiles/slurm`: (copy, seconds, log)."""
+    """The tiny DAG built by `snakemake --profile .ci/slurm-profile --workflow-profile
+    workflow/profiles/slurm`: (copy, seconds, log)."""
     proj = make_project(tmp_path_factory.mktemp("slurm"), TINY_PARAMS)
     t0 = time.perf_counter()
     try:
         # `timeout -k`: Snakemake answers SIGTERM by waiting for its running jobs.
-        cmd = ["timeout", "-k", "10", str(SMK_TIMEOUT_S), "snakemake", "--workflow-profile"]
-        proc = run([*cmd, "workflow/profiles/slurm"], proj, timeout=SMK_TIMEOUT_S + 60)
+        cmd = ["timeout", "-k", "10", str(SMK_TIMEOUT_S), "snakemake", *PROFILES]
+        proc = run(cmd, proj, timeout=SMK_TIMEOUT_S + 60)
         seconds = time.perf_counter() - t0
         print(f"\nthe tiny DAG through SLURM took {seconds:.1f} s", file=sys.stderr)
         yield proj, seconds, proc.stdout + proc.stderr
@@ -132,8 +135,7 @@ def test_slurm_outputs_equal_the_local_run(slurm_run: tuple[Path, float, str], s
 @pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
 def test_second_slurm_run_submits_nothing(slurm_run: tuple[Path, float, str]) -> None:
     proj, _seconds, _log = slurm_run
-    cmd = ["timeout", "-k", "10", "300", "snakemake", "--workflow-profile", "workflow/profiles/slurm"]
-    proc = run(cmd, proj, timeout=360)
+    proc = run(["timeout", "-k", "10", "300", "snakemake", *PROFILES], proj, timeout=360)
     out = proc.stdout + proc.stderr
     assert "Nothing to be done" in out and "submitted with SLURM jobid" not in out, out[-3000:]
 
@@ -205,3 +207,133 @@ def test_launch_outside_slurm() -> None:
     assert build_command("train_mar", 1, {}, []) == [sys.executable, "-m", "arsr.stages.train_mar"]
     cmd = build_command("train_mar", 2, {}, [])
     assert "--standalone" in cmd and "--nproc-per-node=2" in cmd
+
+
+# --- long trainings: SIGUSR1 -> checkpoint -> the job requeues itself in place -----------------------
+
+REQUEUE_STEPS = 3000  # tiny base model: tens of seconds on 2 CPUs, long enough to interrupt twice
+
+
+def _job_of(proj: Path, rule: str) -> tuple[str, str] | None:
+    """(job id, state) of the newest job of ``rule`` submitted from ``proj``, or None."""
+    mine = [(int(i), j["state"]) for i, j in _squeue_jobs().items()
+            if j["workdir"] == str(proj) and j["comment"] == f"rule_{rule}"]  # fmt: skip
+    return (str(max(mine)[0]), max(mine)[1]) if mine else None
+
+
+def _ckpt_step(path: Path) -> int:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    except (FileNotFoundError, EOFError, RuntimeError):  # not written yet (or being replaced)
+        return -1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
+def test_a_training_spans_three_windows_by_requeueing_itself(
+    slurm_run: tuple[Path, float, str], tmp_path: Path
+) -> None:
+    """train_base longer than its windows: each time SLURM's time-limit warning (SIGUSR1 to the job
+    steps, what `--signal=USR1@<s>` sends) arrives, the engine checkpoints and requeues the job in
+    place; the third window finishes. Snakemake sees one job (no retry), and the weights equal an
+    uninterrupted run's. The test sends the signal itself (`scancel --signal=USR1`, steps only, as
+    `--signal` does) once a window has trained past a checkpoint: SLURM's own warning comes on a
+    30-s timer, up to a minute early, which makes short windows arbitrary. It also lets a requeued
+    job start at once (SLURM holds one for ~2 min: `scontrol update StartTime=now`)."""
+    import torch
+    import yaml
+
+    built, _seconds, _log = slurm_run
+    params = yaml.safe_load((built / "params.yaml").read_text())
+    params["base"]["train"] |= {"max_steps": REQUEUE_STEPS, "ckpt_every": 100, "log_every": 500}
+    copies = {}
+    for name in ("slurm", "local"):
+        copies[name] = tmp_path / name
+        shutil.copytree(built, copies[name], symlinks=True)
+        (copies[name] / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proj = copies["slurm"]
+    profile = yaml.safe_load((proj / "workflow/profiles/slurm/config.yaml").read_text())
+    profile["set-resources"]["train_base"]["slurm_extra"] = "'--requeue --open-mode=append'"
+    (proj / "requeue_profile").mkdir()
+    (proj / "requeue_profile/config.yaml").write_text(yaml.safe_dump(profile))
+
+    # The reference: the same training, never interrupted, on this machine (2 ranks as in SLURM).
+    run(["python", "-m", "arsr.stages.launch", "train_base"], copies["local"], timeout=900)
+
+    cmd = ["timeout", "-k", "10", "900", "snakemake", "--profile", ".ci/slurm-profile", "--workflow-profile",
+           "requeue_profile", "runs/base/model.pt"]  # fmt: skip
+    smk = subprocess.Popen(
+        cmd, cwd=proj, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    ckpt = proj / "runs/base/ckpt/last.pt"
+    try:
+        signals, seen_step, deadline = 0, _ckpt_step(ckpt), time.monotonic() + 800
+        while signals < 2 and time.monotonic() < deadline and smk.poll() is None:
+            time.sleep(0.5)
+            job = _job_of(proj, "train_base")
+            if job is None:
+                continue
+            job_id, state = job
+            step = _ckpt_step(ckpt)
+            if state == "RUNNING" and step > seen_step and step < REQUEUE_STEPS - 500:
+                subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+                signals += 1
+                # Wait for the requeue (the job leaves RUNNING), then let it start again now.
+                while time.monotonic() < deadline and _job_of(proj, "train_base") == (job_id, "RUNNING"):
+                    time.sleep(0.5)
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+                seen_step = _ckpt_step(ckpt)
+        out, _ = smk.communicate(timeout=900)
+    finally:
+        if smk.poll() is None:
+            smk.kill()
+        _cancel_jobs_in(proj)
+    assert signals == 2, out[-4000:]
+    assert smk.returncode == 0, out[-4000:]
+    job_id, state = _job_of(proj, "train_base") or ("", "")
+    assert state == "COMPLETED", out[-4000:]
+    assert out.count("has been submitted with SLURM jobid") == 1, out[-4000:]  # one job, no retry
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    assert "Restarts=2" in shown.stdout, shown.stdout
+    slurm_log = (proj / ".snakemake/slurm_logs/rule_train_base" / f"{job_id}.log").read_text()
+    stage_log = slurm_log + "".join(p.read_text() for p in (proj / "logs").rglob("train_base*.log"))
+    for n in (1, 2):
+        assert f"requeued ({n} of at most 10)" in stage_log, stage_log[-4000:]
+    got = torch.load(proj / "runs/base/model.pt", map_location="cpu", weights_only=False)
+    want = torch.load(copies["local"] / "runs/base/model.pt", map_location="cpu", weights_only=False)
+    assert got["step"] == want["step"] == REQUEUE_STEPS
+    for key, value in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+# --- arsr.slurm without a cluster: a fake scontrol on PATH ------------------------------------------
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`scontrol` that records its arguments and reports Restarts=1 for `show job`."""
+    calls = tmp_path / "calls"
+    script = tmp_path / "bin" / "scontrol"
+    script.parent.mkdir()
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = show ] && echo "JobId=5 Restarts=1"\nexit 0\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_requeue_self_asks_slurm_until_the_limit(fake_scontrol: Path) -> None:
+    from arsr.slurm import allocated_gpus, requeue_self, restart_count
+
+    assert not requeue_self(3, {})  # outside SLURM: nothing to requeue
+    assert not fake_scontrol.exists()
+    assert restart_count({"SLURM_JOB_ID": "5"}) == 1  # from `scontrol show job` (steps lack the variable)
+    assert requeue_self(3, {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "2"})
+    assert fake_scontrol.read_text().splitlines()[-1] == "requeue 5"
+    assert not requeue_self(2, {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "2"})  # the limit
+    assert fake_scontrol.read_text().splitlines().count("requeue 5") == 1  # not asked again
+    assert allocated_gpus({"SLURM_JOB_ID": "5", "SLURM_GPUS_ON_NODE": "4"}) == 4
+    assert allocated_gpus({"SLURM_GPUS_ON_NODE": "4"}) == 0  # not in a job: not ours

@@ -231,6 +231,9 @@ class TrainResources(Section):
     accum: int = Field(
         1, ge=1, description="gradient-accumulation micro-steps per optimizer step (memory: same batch)"
     )
+    max_requeues: int = Field(
+        10, ge=0, description="SLURM time-limit windows beyond the first: requeue in place (arsr.slurm)"
+    )
 
 
 class ShardResources(Section):

@@ -2,7 +2,10 @@
 
     python -m arsr.stages.launch train_srvar [stage options]
 
-Reads ``resources.<stage>.nproc`` from params.yaml (or ``$ARSR_RESOURCES__<STAGE>__NPROC``) and
+Reads ``resources.<stage>.nproc`` from params.yaml (or ``$ARSR_RESOURCES__<STAGE>__NPROC``) as the
+ranks per node, except in a SLURM job with GPUs, where each node runs one rank per GPU SLURM
+allocated there (``SLURM_GPUS_ON_NODE``: the site profile's ``gpus_per_node`` reaches sbatch as
+``--gres=gpu:<n>`` and the launcher through the allocation, one number in one place), and
 execs one of:
 
 - ``nproc == 1`` outside SLURM: the stage as one plain process (no torchrun);
@@ -39,6 +42,7 @@ STARTED_BY = os.getppid()
 
 from arsr.config import RESOURCES_ENV_PREFIX, TRAINING_STAGES, ConfigError, load_params  # noqa: E402
 from arsr.proc import PARENT_PID_ENV, die_with_parent, thread_env, threads_per_process  # noqa: E402
+from arsr.slurm import allocated_gpus  # noqa: E402
 from arsr.stages.common import params_option  # noqa: E402
 
 # A training stage is `train_<section>`, and that params section has a `train` subsection.
@@ -165,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"arsr {stage}: error: {err}", file=sys.stderr)
         return 2
+    allocated = allocated_gpus()
+    if allocated:  # a SLURM job with GPUs: one rank per GPU of this node (the site's gpus_per_node)
+        if allocated != nproc:
+            print(
+                f"launch: {allocated} ranks per node, one per GPU SLURM allocated "
+                f"(resources.{stage}.nproc {nproc} applies outside such a job)",
+                file=sys.stderr,
+            )
+        nproc = allocated
     gpus = visible_gpus()
     if 0 < gpus < nproc:  # NCCL cannot put two ranks on one GPU
         print(

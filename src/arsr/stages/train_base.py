@@ -194,6 +194,7 @@ def train(params: Params, shards: Path, out: Path) -> dict[str, float]:
         cfg=tcfg,
         compile=res.compile,
         accum=res.accum,
+        max_requeues=res.max_requeues,
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(train_urls, decode_hr_lr, mb, params.seed, dist, res.workers),
         out_dir=out,

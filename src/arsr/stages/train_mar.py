@@ -193,6 +193,7 @@ def train(params: Params, tokens: Path, vqvae_path: Path, shards: Path, out: Pat
         cfg=tcfg,
         compile=res.compile,
         accum=res.accum,
+        max_requeues=res.max_requeues,
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, res.workers),
         out_dir=out,

@@ -181,6 +181,7 @@ def train(args: argparse.Namespace, params: Params) -> dict[str, float]:
         cfg=tcfg,
         compile=res.compile,
         accum=res.accum,
+        max_requeues=res.max_requeues,
         loss_fn=make_loss_fn(vae, cfg),
         make_train_iter=rank_train_iters(train_urls, decode_tokens, mb, params.seed, dist, res.workers),
         out_dir=out,

@@ -424,6 +424,7 @@ def train(cfg: VQVAESection, params: Params, shards: Path, out: Path, base_path:
         cfg=tcfg,
         compile=res.compile,
         accum=res.accum,
+        max_requeues=res.max_requeues,
         loss_fn=loss_fn,
         make_train_iter=rank_train_iters(
             train_urls, decode_pair if residual else decode_hr, mb, params.seed, dist, res.workers

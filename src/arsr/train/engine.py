@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from arsr.data.loader import stop_workers
 from arsr.io import atomic_write_text
 from arsr.provenance import machine_info
+from arsr.slurm import requeue_self
 from arsr.train.checkpoint import (
     CKPT_FORMAT,
     atomic_save,
@@ -213,6 +214,8 @@ class Trainer:
             the machine runs it, kept out of ``cfg`` and of the fingerprint).
         accum: gradient-accumulation micro-steps per optimizer step (``resources.<stage>.accum``:
             memory, not science; the global batch and its samples are the same for any value).
+        max_requeues: inside a SLURM job, SIGUSR1 (the time-limit warning) checkpoints and then
+            requeues the job in place up to this many times (:mod:`arsr.slurm`).
     """
 
     def __init__(
@@ -236,9 +239,10 @@ class Trainer:
         dist_info: DistInfo | None = None,
         compile: bool = False,
         accum: int = 1,
+        max_requeues: int = 0,
     ):
         self.kind, self.model_config, self.cfg = kind, model_config, cfg
-        self.compile, self.accum = compile, accum
+        self.compile, self.accum, self.max_requeues = compile, accum, max_requeues
         self.loss_fn, self.make_train_iter = loss_fn, make_train_iter
         self.val_fn, self.make_val_iter = val_fn, make_val_iter
         self.no_weight_decay, self.model_extra = no_weight_decay, model_extra
@@ -580,6 +584,8 @@ class Trainer:
                         f"stopping at step {self.step} on signal {signal.Signals(sig).name}: checkpoint saved"
                     )
                     exit_code = 128 + sig
+                    if sig == signal.SIGUSR1 and d.is_main:  # the time-limit warning, not a cancel
+                        requeue_self(self.max_requeues)
                     raise TrainingInterrupted(exit_code)
             progress.close()
             if d.is_main:
