@@ -11,19 +11,29 @@ dvc.yaml stage declares is in the file, and fails naming the key; DVC then stops
 anything downstream. On success it
 writes ``runs/check/params.ok``, whose bytes never change (so no downstream stage reruns because of
 it), as a ``persist`` output: a failed check does not even remove that file.
+
+It also checks the plan for the target machines (:mod:`arsr.plan`) and prints it, one line per
+training stage: ``--nodes N`` nodes per training job (default 1) with ``--gpus-per-node G`` GPUs each
+(default 0: CPU nodes, ranks from ``resources.<stage>.nproc``; on GPU nodes one rank per GPU), so
+every global batch must divide into nodes x ranks per node x ``resources.<stage>.accum``; and the
+workspace needs ``$ARSR_MIN_FREE_GB`` (default 1) GiB of free disk. The DAG runs it with the
+defaults, for which the batch rule is the schema's own. Every problem is listed, nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from arsr.config import PARAMS_FILE, Params, load_params
 from arsr.io import atomic_write_text
+from arsr.plan import plan_problems, plan_summary
 from arsr.proc import threads_per_process
+from arsr.runlock import RunLocked, run_lock
 
 # Every top-level section but the machine's, each declared whole (RUNTIME keys included: a bad one
 # must fail here too), not key by key as the other stages' (tests/test_dvc_yaml.py).
@@ -49,21 +59,58 @@ def declared_keys(dvc_yaml: str | Path, params_file: str = PARAMS_FILE) -> dict[
     return out
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least``."""
+
+    def count(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
+        return value
+
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="arsr check", description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)")
     ap.add_argument("--dvc-yaml", default="dvc.yaml", help="the DAG whose declared keys must be present")
     ap.add_argument("--out", type=Path, default=CHECK_FILE, help=f"written if valid (default: {CHECK_FILE})")
+    ap.add_argument("--nodes", type=_count(1), default=1, help="nodes per training job (default: 1)")
+    ap.add_argument(
+        "--gpus-per-node",
+        type=_count(0),
+        default=0,
+        help="GPUs per node, one rank each (default: 0 = CPU nodes, ranks from resources.<stage>.nproc)",
+    )
     args = ap.parse_args(argv)
     try:
-        load_params(args.params, required=declared_keys(args.dvc_yaml, args.params))
+        params = load_params(args.params, required=declared_keys(args.dvc_yaml, args.params))
         threads_per_process()  # $ARSR_CPUS, $ARSR_THREADS_PER_RANK: every stage would refuse them
     except ValueError as err:  # (a ConfigError is one too)
         print(f"arsr check: error: {err}", file=sys.stderr)
         print("arsr check: nothing was run or removed; fix the key(s) above", file=sys.stderr)
         return 2
+    target = f"{args.nodes} node(s) x " + (
+        f"{args.gpus_per_node} GPU(s)" if args.gpus_per_node else "CPU ranks (resources.<stage>.nproc)"
+    )
+    print(f"arsr check: plan for training jobs on {target}:")
+    for line in plan_summary(params, args.nodes, args.gpus_per_node):
+        print(f"  {line}")
+    problems = plan_problems(params, args.nodes, args.gpus_per_node, workspace=Path.cwd())
+    if problems:
+        print(f"arsr check: error: {len(problems)} problem(s) with this plan:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        print("arsr check: nothing was run or removed; fix the setting(s) above", file=sys.stderr)
+        return 2
     if not args.out.is_file() or args.out.read_text() != CHECK_TEXT:
-        atomic_write_text(args.out, CHECK_TEXT)
+        try:
+            with run_lock(args.out.parent, "arsr check"):  # (runs/check/.lock: not a DVC output)
+                atomic_write_text(args.out, CHECK_TEXT)
+        except RunLocked as err:
+            print(f"arsr check: error: {err}", file=sys.stderr)
+            return 2
     print(f"arsr check: {args.params} is valid")
     return 0
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from arsr.config import (
+    TRAINING_STAGES,
     ConfigError,
     EvalConfig,
     Params,
@@ -38,6 +39,7 @@ from arsr.config import (
 from arsr.data.tokens import TokenFactsError
 from arsr.eval.perceptual import WeightsCorrupt, WeightsMissing
 from arsr.proc import fit_threads
+from arsr.runlock import RunLocked, run_lock
 from arsr.train.checkpoint import CheckpointError, hash_paths
 from arsr.train.dist import DistInfo
 
@@ -122,11 +124,33 @@ def report_errors(name: str, fn: Callable[[], Any]) -> int:
         return 2
 
 
+def stage_lock_folder(name: str, args: argparse.Namespace) -> Path:
+    """The run folder whose lock (:func:`arsr.runlock.run_lock`) a run of stage ``name`` holds: a
+    training stage's ``--out`` (``runs/<section>``), else ``<--runs>/<name>`` (``runs/shard``,
+    ``runs/tokenize``, ``runs/evaluate``, ``runs/report``, where timing.json and W&B files go). Neither
+    is a DVC output itself, and no declared directory output (``runs/<section>/ckpt``, ``plots``,
+    ``data/shards``, ``reports``, ...) is the folder or contains it (tests/test_run_lock.py)."""
+    if name in TRAINING_STAGES:
+        return Path(args.out)
+    return Path(getattr(args, "runs", None) or RUNS_DIR) / name
+
+
 def run_stage(name: str, run: Callable[[argparse.Namespace, Params], Any], args: argparse.Namespace) -> int:
-    """Load ``args.params``, run the stage (what ``run`` returns is not an exit status), report errors."""
+    """Load ``args.params``, run the stage (what ``run`` returns is not an exit status), report errors.
+
+    The run holds its run folder's lock (:func:`stage_lock_folder`): a second run of the stage on the
+    same folder fails, naming the first. Not a torchrun rank (``$LOCAL_RANK``): its launcher holds it."""
 
     def go() -> int:
-        run(args, load_params(args.params))
+        params = load_params(args.params)
+        if "LOCAL_RANK" in os.environ:
+            run(args, params)
+            return 0
+        try:
+            with run_lock(stage_lock_folder(name, args), f"arsr {name}"):
+                run(args, params)
+        except RunLocked as err:
+            raise StageError(str(err)) from None
         return 0
 
     return report_errors(name, go)
@@ -150,6 +174,14 @@ def params_option(argv: list[str]) -> str:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--params", default="params.yaml")
     return ap.parse_known_args(argv)[0].params
+
+
+def out_option(argv: list[str], default: str | Path) -> Path:
+    """The ``--out`` value of a training stage's command line (as :func:`params_option` reads
+    ``--params``), ``default`` when absent: the run folder whose lock the launcher holds."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--out", default=str(default))
+    return Path(ap.parse_known_args(argv)[0].out)
 
 
 # --------------------------------------------------------------------------------------

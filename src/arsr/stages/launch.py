@@ -42,8 +42,9 @@ STARTED_BY = os.getppid()
 
 from arsr.config import RESOURCES_ENV_PREFIX, TRAINING_STAGES, ConfigError, load_params  # noqa: E402
 from arsr.proc import PARENT_PID_ENV, die_with_parent, thread_env, threads_per_process  # noqa: E402
+from arsr.runlock import HELD_ENV, RunLocked, acquire  # noqa: E402
 from arsr.slurm import allocated_gpus  # noqa: E402
-from arsr.stages.common import params_option  # noqa: E402
+from arsr.stages.common import RUNS_DIR, out_option, params_option  # noqa: E402
 
 # A training stage is `train_<section>`, and that params section has a `train` subsection.
 SECTIONS = TRAINING_STAGES
@@ -208,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(STARTED_BY)
     if "torch.distributed.run" in cmd:
         os.environ[PARENT_PID_ENV] = str(os.getpid())
+    # One live writer per run folder: the lock names this pid, which exec keeps (torchrun's agent,
+    # srun, or the one training process), so it turns stale when the training ends. The ranks and
+    # the launchers `srun` starts on the other nodes see it held in the environment.
+    folder = out_option(extra, RUNS_DIR / SECTIONS[stage]).resolve()
+    if os.environ.get(HELD_ENV) != str(folder):
+        try:
+            acquire(folder, f"arsr {stage}")
+        except RunLocked as err:
+            print(f"arsr {stage}: error: {err}", file=sys.stderr)
+            return 2
+        os.environ[HELD_ENV] = str(folder)
     print("launch:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
