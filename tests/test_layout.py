@@ -50,7 +50,8 @@ def test_constraints_pin_every_declared_dependency_but_torch() -> None:
 
 def test_layout_files_exist() -> None:
     for name in (
-        "Snakefile",
+        "workflow/Snakefile",  # the snakemake-workflows layout: Snakemake finds it from the root
+        "workflow/profiles/default/config.yaml",  # ... and this profile, next to it
         "dvc.yaml",
         "params.yaml",
         "environment.yml",
@@ -64,6 +65,7 @@ def test_layout_files_exist() -> None:
         "benchmarks",
     ):
         assert (ROOT / name).exists(), name
+    assert not (ROOT / "Snakefile").exists()  # it would shadow workflow/Snakefile
     assert "analytics = false" in (ROOT / ".dvc" / "config").read_text()
 
 

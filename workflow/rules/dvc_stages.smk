@@ -1,294 +1,55 @@
-# One Snakemake rule per dvc.yaml stage, built with DVC's own parser, so the DAG has a
-# single definition (dvc.yaml). Pinned DVC: `Repo.index.stages` is not public API.
-#
-# - inputs: the stage's deps (upstream outputs make the edges);
-# - outputs: its outs, except `persist: true` folders (checkpoint folders must survive a
-#   rerun; Snakemake deletes declared outputs before running a job);
+# One Snakemake rule per dvc.yaml stage, built with DVC's own parser (DVC_RULES, from
+# common.smk), so the DAG has a single definition (dvc.yaml). Each one has
+# - input: the stage's deps (upstream outputs make the edges);
+# - output: its outs, except `persist: true` folders (checkpoint folders must survive a
+#   rerun; Snakemake deletes declared outputs before running a job); dvc.yaml's metrics, the
+#   evaluation table, the sample grids and the report stage's page and curves are flagged for
+#   Snakemake's report (`snakemake --report report.html`; common.smk's REPORT_OUTPUTS);
 # - params: the resolved values (schema defaults included) of the stage's keys, so Snakemake's params
 #   trigger reruns a stage when (and only when) one of *its* keys changes (the check's sections are
-#   left out: this file validates params.yaml at parse time, and a rerun check would only give every
+#   left out: common.smk validates params.yaml at parse time, and a rerun check would only give every
 #   stage a newer input);
 # - resources: the stage's `resources.<stage>` keys (params.yaml, or ARSR_RESOURCES__* in
 #   Snakemake's environment), which a profile's or the command line's `set-resources` overrides per
-#   rule (`set-resources: {train_srvar: {nproc: 4}}`); the command gets them as
+#   stage (`set-resources: {train_srvar: {nproc: 4}}`); the command gets them as
 #   ARSR_RESOURCES__<STAGE>__<KEY> (booleans as 0/1) and ARSR_CPUS={threads}, so the stage runs
 #   with them and shares its cores among its processes (arsr.proc). Not params: nothing reruns;
 # - threads: a stage claims one core per process it starts: a training stage `nproc x (1 + workers)`
 #   (ranks and their loader processes), shard and tokenize their `workers`, evaluate the CPUs it
-#   may use, others 1; capped by Snakemake at --cores, so a plain `snakemake --cores 2` trains one
+#   may use, others 1; capped by Snakemake at --cores, so `snakemake --cores 2` trains one
 #   model at a time and `--cores 8` may train two (tiny loaders). Cluster resources stay in the
-#   profile (workflow/profiles/slurm).
-#
-# Outputs that Snakemake did not build (`dvc repro`, `dvc checkout`, `dvc commit`, a copy) follow
-# dvc.lock. Snakemake always compares mtimes (Snakemake 9 cannot turn that trigger off) and has
-# no record of such files, so a restored workspace would look stale and be retrained. So at parse
-# time, in the main Snakemake process only (never in a job step), when dvc.lock exists and no
-# other Snakemake holds a lock here, each stage in topological order is sorted out:
-# - missing an output, downstream of a stage that will rerun, or marked incomplete: left alone
-#   (Snakemake reruns it, or --rerun-incomplete decides);
-# - built by Snakemake (each output has a .snakemake/metadata record whose endtime is the file's
-#   mtime now): Snakemake's own triggers decide (mtime + checksums, params, input, code). Only
-#   when an input is newer than an output and DVC's verdict (below) is "up to date" (an upstream
-#   output replaced by the same bytes, e.g. by `dvc commit`) does the output get the input's mtime;
-# - otherwise DVC's verdict decides: cmd, file deps, keyed params and outs against dvc.lock
-#   (content hashes, cached in DVC's state db; a whole-file params dep, the check's, is left out:
-#   the rule has no params for it and this file validates params.yaml at parse time). Up to date:
-#   each output older than the stage's newest input gets that input's mtime (never a time in the
-#   future), so Snakemake sees nothing to do; changed: the outputs are set 1 s before that input,
-#   so Snakemake reruns the stage and everything downstream.
-# A record of a file changed since Snakemake wrote it is dropped (it describes other bytes); a
-# record of a file whose mtime is moved follows it. Directory outputs carry their mtime in
-# `.snakemake_timestamp` (in .dvcignore); file contents are never touched. A dry run does this too,
-# so `snakemake -n` says what `snakemake` will do. `--config dvc_mtimes=false` turns it off.
-import json
-import os
-import stat
-import sys
-import time
-from base64 import urlsafe_b64encode
-
-from dvc.repo import Repo, lock_repo
-
-from arsr.config import RESOURCES_ENV_PREFIX, load_params
-from arsr.proc import CPUS_ENV, usable_cpus
-
-CHECK_STAGE = "check"  # its params: see the header
+#   profile (workflow/profiles/slurm);
+# - log: logs/snakemake/<stage>.log, the command's stdout and stderr (two trainings at once do
+#   not mix on the terminal; the profiles' show-failed-logs prints a failed job's log), and
+#   benchmark: logs/snakemake/<stage>.benchmark.tsv (wall time, memory, I/O of the job);
+# - conda: environment.yml, the software the stages need (documentation: the stages run in the
+#   environment Snakemake runs in, whose `arsr` is this checkout; no --software-deployment-method).
+# Outputs that Snakemake did not build follow dvc.lock: see common.smk.
 
 
-def _lookup(tree, dotted):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
+include: "common.smk"
 
 
-def _stage_resources(name, params):
-    """The rule's resources: its `resources.<stage>` keys (booleans as 0/1: Snakemake's are numbers)."""
-    return {k: int(v) if isinstance(v, bool) else v for k, v in params["resources"].get(name, {}).items()}
+for _r in DVC_RULES:
 
-
-def _set_resources(name):
-    """The `set-resources` of this rule ({} when this Snakemake keeps them elsewhere: only the
-    thread count below reads them, the command gets the final values from Snakemake itself)."""
-    try:
-        over = workflow.resource_settings.overwrite_resources.get(name) or {}
-    except AttributeError:
-        return {}
-    values = {}
-    for k, v in over.items():
-        try:  # a quoted profile value (slurm_extra) is an expression Snakemake evaluates per job
-            values[k] = getattr(v, "value", v)
-        except ValueError:
-            continue
-    return values
-
-
-def _threads(name, resources):
-    """Cores a stage occupies: the processes it starts (see the header)."""
-    res = {**resources, **_set_resources(name)}
-    if "nproc" in res:
-        return max(1, int(res["nproc"]) * (1 + int(res.get("workers", 0))))
-    if "workers" in res:
-        return max(1, int(res["workers"]))
-    return usable_cpus() if name == "evaluate" else 1
-
-
-def _shell(name, resources):
-    """The rule's shell template: the stage's command (params.cmd, so a changed dvc.yaml command is a
-    params change) after its resources (final values: set-resources applied) and cores. Constant
-    per stage, so Snakemake's code trigger does not fire when a resource changes."""
-    env = [f"{RESOURCES_ENV_PREFIX}{name.upper()}__{k.upper()}={{resources.{k}}}" for k in resources]
-    return " ".join([*env, f"{CPUS_ENV}={{threads}}", "{params.cmd}"])
-
-
-def _dvc_rules(repo, root="."):
-    stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
-    # The check stage's rules, before the DAG is built: the schema (defaults count), the
-    # cross-section rules, and every key a stage declares present in the file; a bad
-    # params.yaml fails here, by key, before Snakemake deletes or runs anything.
-    declared = {
-        k: f"dvc.yaml stage {s.name}" for s in stages for d in s.deps if hasattr(d, "params") for k in d.params
-    }
-    params = load_params(os.path.join(root, "params.yaml"), required=declared).model_dump(mode="json")
-    for s in stages:
-        deps, keys = [], []
-        for d in s.deps:
-            if hasattr(d, "params"):
-                keys += list(d.params) if s.name != CHECK_STAGE else []
-            else:
-                deps.append(os.path.relpath(d.fs_path, root))
-        outs = []
-        for o in s.outs:
-            if o.persist and os.path.isdir(o.fs_path) or o.persist and not os.path.splitext(o.fs_path)[1]:
-                continue  # a checkpoint or plots folder (a persist *file*, the check's, stays an output)
-            path = os.path.relpath(o.fs_path, root)
-            outs.append((path, os.path.isdir(path) or not os.path.splitext(path)[1]))
-        values = {k: _lookup(params, k) for k in sorted(keys)}
-        cmd = s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd)
-        name = s.name.replace("@", "__")
-        res = _stage_resources(name, params)
-        yield name, deps, outs, values, cmd, _threads(name, res), s, res
-
-
-# --- outputs not built by Snakemake follow dvc.lock (see the header) ------------------------
-_SMK = ".snakemake"
-_STAMP = ".snakemake_timestamp"
-
-
-def _smk_mtime_ns(path, follow):
-    """The mtime Snakemake compares (io.IOFile.mtime_uncached): a directory's timestamp file if it
-    has one; inputs (follow) take the later of a symlink and its target, outputs the link."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        if not follow:
-            return st.st_mtime_ns
-        target = os.stat(path)
-        t = target.st_mtime_ns
-        if stat.S_ISDIR(target.st_mode) and os.path.exists(os.path.join(path, _STAMP)):
-            t = os.stat(os.path.join(path, _STAMP)).st_mtime_ns
-        return max(st.st_mtime_ns, t)
-    if stat.S_ISDIR(st.st_mode) and os.path.exists(os.path.join(path, _STAMP)):
-        return os.stat(os.path.join(path, _STAMP)).st_mtime_ns
-    return st.st_mtime_ns
-
-
-def _set_mtime_ns(path, ns):
-    if os.path.isdir(path) and not os.path.islink(path):
-        path = os.path.join(path, _STAMP)  # what Snakemake's touch() does for a directory
-        open(path, "a").close()
-    os.utime(path, ns=(ns, ns), follow_symlinks=False)
-
-
-def _record_path(kind, path):
-    """Snakemake's file persistence (persistence/file.py `_record_path`, NAME_MAX 255)."""
-    b64 = urlsafe_b64encode(path.encode()).decode()
-    parts = [b64[i : i + 254] for i in range(0, len(b64), 254)]
-    return os.path.join(_SMK, kind, *["@" + p for p in parts[:-1]], parts[-1])
-
-
-def _snakemake_record(path):
-    """``(file, record)``: Snakemake's record of the output ``path`` when it describes the file
-    there now (its endtime is the file's mtime), else None; a record of other bytes is dropped."""
-    rec_path = _record_path("metadata", path)
-    try:
-        with open(rec_path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if record.get("endtime") == _mtime_float(path):
-        return rec_path, record
-    os.remove(rec_path)
-    return None
-
-
-def _move_output(path, ns, record=None):
-    """Give an output the mtime ``ns``; a record of it follows (same bytes, new mtime)."""
-    _set_mtime_ns(path, ns)
-    if record is not None:
-        rec_path, rec = record
-        rec["endtime"] = _mtime_float(path)
-        with open(rec_path + ".tmp", "w") as f:
-            json.dump(rec, f)
-        os.replace(rec_path + ".tmp", rec_path)
-
-
-def _mtime_float(path):
-    """The float mtime Snakemake records as an output's endtime (the link's own for a symlink)."""
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode) and os.path.exists(os.path.join(path, _STAMP)):
-        return os.stat(os.path.join(path, _STAMP)).st_mtime
-    return st.st_mtime
-
-
-def _dvc_changed(stage):
-    """`Stage.changed()` restricted to what the Snakemake rule declares (see the header)."""
-    if stage.changed_stage():
-        return True
-    for dep in stage.deps:
-        if hasattr(dep, "params") and (not dep.params or stage.name == CHECK_STAGE):
-            continue  # the check's sections (or a whole-file params dep): the rule has no params for them
-        if dep.status():
-            return True
-    return stage.changed_outs(allow_missing=False)
-
-
-def _sync_mtimes_with_dvc(repo, rules):
-    """Make the mtimes of outputs Snakemake did not build agree with dvc.lock. Returns a report."""
-    locks = os.path.join(_SMK, "locks")
-    if os.path.isdir(locks) and os.listdir(locks):
-        return "skipped: another Snakemake holds a lock here (or a stale one: snakemake --unlock)"
-    producer = {out: r[0] for r in rules for out, _ in r[2]}
-    upstream = {r[0]: {producer[d] for d in r[1] if d in producer} for r in rules}
-    order, done = [], set()
-    while len(order) < len(rules):  # topological (dvc.yaml order among the ready ones)
-        ready = [r for r in rules if r[0] not in done and upstream[r[0]] <= done]
-        if not ready:
-            return "skipped: dvc.yaml has a cycle"
-        order += ready
-        done |= {r[0] for r in ready}
-    rerun, fixed, forced = set(), [], []
-    now = time.time_ns()
-    with lock_repo(repo):
-        for name, deps, outs, _values, _cmd, _threads_, stage, _res in order:
-            paths = [p for p, _ in outs]
-            if upstream[name] & rerun or not all(os.path.lexists(p) for p in paths):
-                rerun.add(name)  # Snakemake reruns it whatever its mtimes say
-                continue
-            if any(os.path.exists(_record_path("incomplete", p)) for p in paths):
-                continue  # an interrupted Snakemake job: --rerun-incomplete decides
-            records = {p: _snakemake_record(p) for p in paths}  # (drops stale records)
-            inputs = [d for d in deps if os.path.lexists(d)]
-            if not inputs:
-                continue
-            newest = max(_smk_mtime_ns(d, follow=True) for d in inputs)
-            older = [p for p in paths if _smk_mtime_ns(p, follow=False) < newest]
-            if all(records.values()):  # Snakemake built these very files
-                if older and not _dvc_changed(stage):  # an input replaced by the same bytes
-                    for p in older:
-                        _move_output(p, min(newest, now), records[p])
-                    fixed.append(name)
-                continue  # otherwise Snakemake's own triggers decide
-            if _dvc_changed(stage):
-                rerun.add(name)
-                for p in paths:
-                    if p not in older:
-                        _move_output(p, newest - 1_000_000_000, records[p])
-                forced.append(name)
-            elif older:
-                for p in older:
-                    _move_output(p, min(newest, now), records[p])
-                fixed.append(name)
-    msg = []
-    if fixed:
-        msg.append(f"up to date in dvc.lock, outputs given their inputs' mtime: {', '.join(fixed)}")
-    if forced:
-        msg.append(f"changed since dvc.lock, will rerun: {', '.join(forced)}")
-    return "; ".join(msg)
-
-
-with Repo(".") as _repo:
-    DVC_RULES = list(_dvc_rules(_repo))
-    if (
-        workflow.is_main_process
-        and str(config.get("dvc_mtimes", True)).lower() not in ("false", "0", "no", "off")
-        and os.path.exists("dvc.lock")
-    ):
-        _t0 = time.perf_counter()
-        try:
-            _msg = _sync_mtimes_with_dvc(_repo, DVC_RULES)
-        except Exception as _err:  # never block a run: Snakemake's own triggers still apply
-            _msg = f"skipped ({type(_err).__name__}: {_err})"
-        if _msg:
-            print(f"dvc_stages.smk: mtimes follow dvc.lock: {_msg} "
-                  f"[{time.perf_counter() - _t0:.2f} s]", file=sys.stderr)
-
-for _name, _deps, _outs, _values, _cmd, _nthreads, _stage, _res in DVC_RULES:
     rule:
-        name: _name
-        input: _deps
-        output: [directory(p) if is_dir else p for p, is_dir in _outs]
+        name:
+            _r.name
+        input:
+            _r.deps,
+        output:
+            _r.outputs,
         params:
-            values=json.dumps(_values, sort_keys=True),
-            cmd=_cmd,
-        threads: _nthreads
-        resources: **_res
-        shell: _shell(_name, _res)
+            values=json.dumps(_r.values, sort_keys=True),
+            cmd=_r.cmd,
+        log:
+            _r.log,
+        benchmark:
+            _r.benchmark
+        conda:
+            "../../environment.yml"
+        threads: _r.threads
+        resources:
+            **_r.resources,
+        shell:
+            shell_template(_r.name, _r.resources)
