@@ -59,4 +59,4 @@ bench: setup
 	$(PY) benchmarks/bench_data.py
 
 clean:
-	rm -rf data runs eval reports .snakemake
+	rm -rf data runs eval reports logs .snakemake

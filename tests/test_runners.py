@@ -2,7 +2,7 @@
 
 - A workspace that DVC built or restored (`dvc repro`, `dvc checkout`, `dvc commit -f`) is
   "nothing to be done" for Snakemake, although Snakemake has no record of those files and their
-  mtimes say otherwise (workflow/rules/dvc_stages.smk makes the mtimes agree with dvc.lock);
+  mtimes say otherwise (workflow/rules/common.smk makes the mtimes agree with dvc.lock);
 - Snakemake still reruns a stage (and what follows) when one of its params keys or sources changes;
 - plain `snakemake --cores 2` trains one model at a time (training rules claim their cores).
 

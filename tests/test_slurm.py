@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pipeline_fixtures import TINY_PARAMS, _env, dag_rules_and_metrics, make_project, run, sha_tree
@@ -26,6 +27,7 @@ PROFILES = ["--profile", ".ci/slurm-profile", "--workflow-profile", "workflow/pr
 SMK_TIMEOUT_S = 1500  # the whole tiny DAG on 2 CPUs, plus ~10-40 s of SLURM status polling per stage
 # The first cluster test also builds the local reference run (smk_project) when no other test has.
 CLUSTER_TEST_TIMEOUT_S = SMK_TIMEOUT_S + 900
+ROOT_DIR = Path(__file__).resolve().parents[1]
 USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 
 
@@ -105,7 +107,11 @@ def test_every_stage_ran_as_a_slurm_job(slurm_run: tuple[Path, float, str]) -> N
     rules, _metrics = dag_rules_and_metrics(proj)
     assert "shard" in rules
     jobs = _squeue_jobs()
-    for rule in rules:
+    local = {"check", "report"}  # localrules: they run where Snakemake runs, no sbatch job
+    for rule in local:
+        assert not (proj / ".snakemake" / "slurm_logs" / f"rule_{rule}").exists(), rule
+        assert f"localrule {rule}:" in log, log[-3000:]
+    for rule in sorted(set(rules) - local):
         # The executor names each sbatch log after the SLURM job id.
         logs = sorted((proj / ".snakemake" / "slurm_logs" / f"rule_{rule}").glob("*.log"))
         assert logs, f"no SLURM log for rule {rule}:\n{log[-3000:]}"
@@ -337,3 +343,76 @@ def test_requeue_self_asks_slurm_until_the_limit(fake_scontrol: Path) -> None:
     assert fake_scontrol.read_text().splitlines().count("requeue 5") == 1  # not asked again
     assert allocated_gpus({"SLURM_JOB_ID": "5", "SLURM_GPUS_ON_NODE": "4"}) == 4
     assert allocated_gpus({"SLURM_GPUS_ON_NODE": "4"}) == 0  # not in a job: not ours
+
+
+# --- GPUs per node, declared once (the site profile's config), as sbatch gets them -----------------
+
+
+def _dry_run_resources(proj: Path, site: Path, rule: str) -> dict[str, object]:
+    """The resources Snakemake gives ``rule`` under ``site`` + the workflow profile (a dry run)."""
+    out = run(["snakemake", "-n", "--profile", str(site), "--workflow-profile", "workflow/profiles/slurm"],
+              proj)  # fmt: skip
+    text = out.stdout + out.stderr
+    block = text[text.index(f"rule {rule}:") :]
+    line = next(ln for ln in block.splitlines() if ln.strip().startswith("resources:"))
+    res: dict[str, object] = {}
+    for item in line.split("resources:", 1)[1].split(", "):
+        key, value = item.strip().split("=", 1)
+        res[key] = int(value) if value.isdigit() else value
+    return res
+
+
+class _Resources(dict):
+    """What the plugin reads of job.resources: .get() and attributes."""
+
+    __getattr__ = dict.__getitem__
+
+
+@pytest.mark.slow
+def test_two_nodes_of_four_gpus_reach_sbatch_per_node(tmp_path: Path) -> None:
+    """A site profile with `gpus_per_node: 4, train_nodes: 2`: the plugin's own submit-command code
+    asks, for train_srvar, 2 nodes with 4 GPUs *each* (`--gres=gpu:4`, not `--gpus=4`, a total for
+    the job), one task per node (the launcher; `mpi: srun`), and a core per rank and loader worker."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    proj = make_project(tmp_path / "proj", TINY_PARAMS)
+    site = tmp_path / "site"
+    site.mkdir()
+    profile = (ROOT_DIR / ".ci/slurm-profile/config.yaml").read_text()
+    (site / "config.yaml").write_text(profile.replace("gpus_per_node: 0", "gpus_per_node: 4").replace(
+        "train_nodes: 1", "train_nodes: 2"))  # fmt: skip
+    res = _dry_run_resources(proj, site, "train_srvar")
+    assert (res["nodes"], res["tasks"], res["gres"], res["mpi"]) == (2, 2, "gpu:4", "srun"), res
+    workers = TINY_PARAMS.get("resources", {}).get("train_srvar", {}).get("workers", 1)
+    job = SimpleNamespace(resources=_Resources(res), threads=res["cpus_per_task"], name="train_srvar")
+    params = {"run_uuid": "u", "slurm_logfile": "l.log", "comment_str": "rule_train_srvar", "account": "",
+              "partition": "-p gpu", "workdir": str(proj)}  # fmt: skip
+    call = get_submit_command(job, params) + set_gres_string(job)
+    flags = call.split()
+    assert "--nodes=2" in flags and "--gres=gpu:4" in flags and "--ntasks=2" in flags, call
+    assert f"--cpus-per-task={4 * (1 + workers)}" in flags, call
+    assert not [f for f in flags if f.startswith(("--gpus", "--ntasks-per-gpu"))], call
+    # tokenize and evaluate take one GPU; the CPU stages none.
+    assert _dry_run_resources(proj, site, "evaluate")["gres"] == "gpu:1"
+    assert "gres" not in _dry_run_resources(proj, site, "shard")
+
+
+@pytest.mark.slow
+def test_snakemake_preflight_refuses_a_plan_that_does_not_fit_before_submitting(tmp_path: Path) -> None:
+    """3 GPUs per node: the tiny DAG's global batch (8) does not split; Snakemake stops at parse time
+    naming the key and the site setting, before any job (no cluster needed)."""
+    proj = make_project(tmp_path / "proj", TINY_PARAMS)
+    site = tmp_path / "site"
+    site.mkdir()
+    profile = (ROOT_DIR / ".ci/slurm-profile/config.yaml").read_text()
+    (site / "config.yaml").write_text(profile.replace("gpus_per_node: 0", "gpus_per_node: 3"))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        ["snakemake", "-n", "--profile", str(site), "--workflow-profile", "workflow/profiles/slurm"],
+        cwd=proj, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.perf_counter() - t0 < 60, out[-3000:]
+    assert "base.train.batch_size: 8 is not divisible by 1 node(s) (config train_nodes) x 3 ranks" in out, out
+    assert "(config gpus_per_node)" in out and "submitted" not in out, out[-3000:]

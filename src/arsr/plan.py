@@ -45,6 +45,8 @@ class StageTarget:
     accum: int
     gpus_per_node: int = 0  # 0: CPU ranks
     nproc: int = 1  # resources.<stage>.nproc (replaced by the GPU count on GPU nodes)
+    # Where the target's nodes and GPUs per node are set (`arsr check`'s options, or Snakemake's config)
+    setting_names: tuple[str, str] = ("--nodes", "--gpus-per-node")
 
     @property
     def world_size(self) -> int:
@@ -85,7 +87,8 @@ class StageTarget:
         if b % d == 0:
             return None
         key, res = f"{self.section}.train.batch_size", f"resources.{self.stage}"
-        ranks = "--gpus-per-node" if self.gpus_per_node else f"{res}.nproc"
+        nodes_name, gpus_name = self.setting_names
+        ranks = gpus_name if self.gpus_per_node else f"{res}.nproc"
         below = b - b % d
         nearest = sorted({below, below + d} - {0}, key=lambda v: (abs(v - b), v))
         fix = f"set {key} to a multiple of {d} (nearest: {' or '.join(map(str, nearest))})"
@@ -93,16 +96,20 @@ class StageTarget:
             per_rank = b // self.world_size
             accum = max(a for a in range(1, self.accum + 1) if per_rank % a == 0)
             fix += f", or {res}.accum to {accum} (a divisor of the {per_rank} samples per rank)"
-        others = f"--nodes or {ranks}" if self.gpus_per_node else f"{ranks}, {res}.accum or --nodes"
+        others = f"{nodes_name} or {ranks}" if self.gpus_per_node else f"{ranks}, {res}.accum or {nodes_name}"
         return (
-            f"{key}: {b} is not divisible by {self.nodes} node(s) (--nodes) x {self.ranks_per_node} ranks "
+            f"{key}: {b} is not divisible by {self.nodes} node(s) ({nodes_name}) x {self.ranks_per_node} ranks "
             f"per node ({ranks}) x accum {self.accum} ({res}.accum) = {d}; {fix}; or change {others}"
         )
 
 
-def stage_targets(params: Params, nodes: int = 1, gpus_per_node: int = 0) -> list[StageTarget]:
+def stage_targets(
+    params: Params, nodes: int = 1, gpus_per_node: int = 0, setting_names: tuple[str, str] | None = None
+) -> list[StageTarget]:
     """One :class:`StageTarget` per training stage, for jobs of ``nodes`` nodes with ``gpus_per_node``
-    GPUs each (0: CPU nodes, ranks from ``resources.<stage>.nproc``)."""
+    GPUs each (0: CPU nodes, ranks from ``resources.<stage>.nproc``); ``setting_names``: where those
+    two are set, for the messages (default: `arsr check`'s options)."""
+    names = {"setting_names": setting_names} if setting_names else {}
     if nodes < 1:
         raise ValueError(f"nodes: {nodes} must be at least 1")
     if gpus_per_node < 0:
@@ -114,7 +121,7 @@ def stage_targets(params: Params, nodes: int = 1, gpus_per_node: int = 0) -> lis
             StageTarget(
                 stage=stage, section=section, batch_size=getattr(params, section).train.batch_size,
                 nodes=nodes, ranks_per_node=gpus_per_node or res.nproc, accum=res.accum,
-                gpus_per_node=gpus_per_node, nproc=res.nproc,
+                gpus_per_node=gpus_per_node, nproc=res.nproc, **names,
             )
         )  # fmt: skip
     return out
@@ -170,11 +177,13 @@ def plan_problems(
     workspace: str | Path = ".",
     min_free: int | None = None,
     env: Mapping[str, str] | None = None,
+    setting_names: tuple[str, str] | None = None,
 ) -> list[str]:
     """Every problem of running ``params``' DAG on jobs of ``nodes`` nodes with ``gpus_per_node``
     GPUs each (0: CPU) in ``workspace``; empty if none. Each names the key or setting to change.
     ``min_free`` (bytes) defaults to ``$ARSR_MIN_FREE_GB`` of ``env`` (this process's), else 1 GiB."""
-    problems = [p for t in stage_targets(params, nodes, gpus_per_node) if (p := t.problem())]
+    targets = stage_targets(params, nodes, gpus_per_node, setting_names)
+    problems = [p for t in targets if (p := t.problem())]
     if min_free is None:
         try:
             min_free = min_free_bytes(env)

@@ -40,6 +40,7 @@ from collections import namedtuple
 from dvc.repo import Repo, lock_repo
 
 from arsr.config import RESOURCES_ENV_PREFIX, load_params
+from arsr.plan import plan_problems
 from arsr.proc import CPUS_ENV, usable_cpus
 
 CHECK_STAGE = "check"  # its params: see dvc_stages.smk's header
@@ -68,8 +69,51 @@ REPORT_OUTPUTS = {
 }
 
 DvcRule = namedtuple(
-    "DvcRule", "name deps outs values cmd threads stage resources outputs log benchmark"
+    "DvcRule", "name deps outs values cmd threads stage resources outputs log benchmark cluster"
 )
+
+# The cluster's hardware, from the site profile's `config` (README "A SLURM cluster"): GPUs per node
+# (0: CPU nodes) and nodes per training job. Declared once: sbatch gets `--gres=gpu:<n>` (per node)
+# and `--nodes`, the launcher takes one rank per GPU SLURM allocated (SLURM_GPUS_ON_NODE), and the
+# preflight below checks the plan for exactly these numbers.
+# `cpus_per_node` (optional) caps the cores a job asks for (a training job wants one per rank and
+# loader worker; a small node has fewer: its processes then share them).
+CLUSTER_SETTINGS = ("config train_nodes", "config gpus_per_node")  # (nodes, GPUs per node)
+
+
+def _cluster_config():
+    """(GPUs per node, nodes per training job, cores per node or None: no cap) from `config`."""
+    try:
+        gpus, nodes = int(config.get("gpus_per_node", 0)), int(config.get("train_nodes", 1))
+        cpus = config.get("cpus_per_node")
+        cpus = None if cpus in (None, "", "none") else int(cpus)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config gpus_per_node / train_nodes / cpus_per_node: not whole numbers ({err})") from None
+    if gpus < 0 or nodes < 1 or (cpus is not None and cpus < 1):
+        raise ValueError(
+            f"config gpus_per_node: {gpus} (0 or more), train_nodes: {nodes} (1 or more), "
+            f"cpus_per_node: {cpus} (1 or more)"
+        )
+    return gpus, nodes, cpus
+
+
+def _cluster_resources(name, resources, gpus, nodes, cpus=None):
+    """The job geometry of a stage (rule resources the SLURM executor turns into sbatch options; other
+    executors ignore them). A training job: `nodes` nodes, one task each (the launcher; several nodes:
+    `mpi: srun`, the rule runs in the batch script and the launcher starts torchrun per node), all
+    `gpus` GPUs of each node (`--gres=gpu:<n>` is per node, unlike `gpu: <n>`, sbatch's `--gpus`, a
+    total for the job) and a core per process (ranks x (1 + loader workers)). tokenize and evaluate
+    take one GPU when there are any."""
+    if "nproc" in resources:  # a training stage
+        ranks = gpus or int(resources["nproc"])
+        wanted = ranks * (1 + int(resources.get("workers", 0)))
+        out = {"nodes": nodes, "tasks": nodes, "cpus_per_task": min(wanted, cpus or wanted)}
+        if nodes > 1:
+            out["mpi"] = "srun"
+        if gpus:
+            out |= {"gres": f"gpu:{gpus}", "tasks_per_gpu": 0}
+        return out
+    return {"gres": "gpu:1"} if gpus and name in ("tokenize", "evaluate") else {}
 
 
 def _lookup(tree, dotted):
@@ -99,9 +143,11 @@ def _set_resources(name):
     return values
 
 
-def _threads(name, resources):
+def _threads(name, resources, gpus=0):
     """Cores a stage occupies: the processes it starts (see dvc_stages.smk's header)."""
     res = {**resources, **_set_resources(name)}
+    if "nproc" in res and gpus:  # one rank per GPU
+        return gpus * (1 + int(res.get("workers", 0)))
     if "nproc" in res:
         return max(1, int(res["nproc"]) * (1 + int(res.get("workers", 0))))
     if "workers" in res:
@@ -139,7 +185,15 @@ def _dvc_rules(repo, root="."):
     declared = {
         k: f"dvc.yaml stage {s.name}" for s in stages for d in s.deps if hasattr(d, "params") for k in d.params
     }
-    params = load_params(os.path.join(root, "params.yaml"), required=declared).model_dump(mode="json")
+    checked = load_params(os.path.join(root, "params.yaml"), required=declared)
+    params = checked.model_dump(mode="json")
+    gpus, nodes, cpus = _cluster_config()
+    if workflow.is_main_process:
+        # The preflight of `arsr check --nodes --gpus-per-node`, before the first job is submitted:
+        # the global batches for these nodes x ranks x accum, free disk. Fails in seconds, by key.
+        problems = plan_problems(checked, nodes, gpus, root, setting_names=CLUSTER_SETTINGS)
+        if problems:
+            raise ValueError("the plan for this cluster does not work:\n  " + "\n  ".join(problems))
     for s in stages:
         deps, keys = [], []
         for d in s.deps:
@@ -160,8 +214,8 @@ def _dvc_rules(repo, root="."):
         name = s.name.replace("@", "__")
         res = _stage_resources(name, params)
         yield DvcRule(
-            name, deps, outs, values, cmd, _threads(name, res), s, res, outputs,
-            f"{LOG_DIR}/{name}.log", f"{LOG_DIR}/{name}.benchmark.tsv",
+            name, deps, outs, values, cmd, _threads(name, res, gpus), s, res, outputs,
+            f"{LOG_DIR}/{name}.log", f"{LOG_DIR}/{name}.benchmark.tsv", _cluster_resources(name, res, gpus, nodes, cpus),
         )  # fmt: skip
 
 

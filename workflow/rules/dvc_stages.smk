@@ -51,5 +51,6 @@ for _r in DVC_RULES:
         threads: _r.threads
         resources:
             **_r.resources,
+            **_r.cluster,
         shell:
             shell_template(_r.name, _r.resources)
