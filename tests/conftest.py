@@ -31,6 +31,23 @@ def wandb_settings_of_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Ite
     os.environ.pop("WANDB_CONFIG_DIR", None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def slurm_runs_in_the_background(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    wandb_settings_of_the_tests: None,
+) -> Iterator[None]:
+    """The SLURM scenarios of test_slurm.py (mostly waiting on the cluster) start with the session
+    when it selects one of their tests and a cluster is up, so they overlap the other tests."""
+    import slurm_scenarios
+
+    wanted = any("slurm_cluster" in item.fixturenames for item in request.session.items)
+    if wanted and slurm_scenarios.cluster_problem() is None:
+        slurm_scenarios.start(tmp_path_factory.mktemp("slurm"))
+    yield
+    slurm_scenarios.shutdown()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped:
         _skipped.append(report.nodeid)

@@ -9,47 +9,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import slurm_scenarios
 from pipeline_fixtures import TINY_PARAMS, _env, dag_rules_and_metrics, make_project, run, sha_tree
+from slurm_scenarios import PROFILES, REQUEUE_STEPS, SMK_TIMEOUT_S, cluster_problem, squeue_jobs
 
 from arsr.stages.launch import build_command, rendezvous_port, threads_per_rank
 
-# The README's recipe: a site profile (here the CI cluster's) under the workflow profile.
-PROFILES = ["--profile", ".ci/slurm-profile", "--workflow-profile", "workflow/profiles/slurm"]
-SMK_TIMEOUT_S = 1500  # the whole tiny DAG on 2 CPUs, plus ~10-40 s of SLURM status polling per stage
-# The first cluster test also builds the local reference run (smk_project) when no other test has.
-CLUSTER_TEST_TIMEOUT_S = SMK_TIMEOUT_S + 900
+# The first cluster test may also build the local reference run (smk_project) when no other test
+# has, and waits for the background SLURM runs (slurm_scenarios).
+CLUSTER_TEST_TIMEOUT_S = SMK_TIMEOUT_S + 1800
 ROOT_DIR = Path(__file__).resolve().parents[1]
-USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
-
-
-def _cluster_problem() -> str | None:
-    """Why no SLURM job could run here, or None when a partition with a usable node is up."""
-    if shutil.which("sinfo") is None:
-        return "`sinfo` not found (SLURM client tools are not installed)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "`sinfo` did not answer within 30 s (slurmctld down?)"
-    if out.returncode != 0:
-        return f"`sinfo` failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}"
-    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    if not any(avail == "up" and state in USABLE_NODE_STATES for avail, state in rows):
-        return f"no partition up with a usable node: sinfo says {out.stdout.strip()!r}"
-    return None
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
-    problem = _cluster_problem()
+    problem = cluster_problem()
     if problem is None:
         return
     msg = f"no SLURM cluster: {problem}. Start one with `sudo .ci/slurm.sh start`."
@@ -58,46 +39,12 @@ def slurm_cluster() -> None:
     pytest.skip(msg)
 
 
-def _squeue_jobs() -> dict[str, dict[str, str]]:
-    """Every job slurmctld still knows (MinJobAge keeps finished ones): id -> state, comment, workdir."""
-    out = subprocess.run(
-        ["squeue", "--states=all", "-h", "-o", "%i|%T|%k|%Z"], capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 0, out.stderr
-    jobs = {}
-    for line in out.stdout.splitlines():
-        job_id, state, comment, workdir = line.split("|", 3)
-        jobs[job_id] = {"state": state, "comment": comment, "workdir": workdir}
-    return jobs
-
-
-def _cancel_jobs_in(proj: Path) -> None:
-    live = [
-        i
-        for i, j in _squeue_jobs().items()
-        if j["workdir"] == str(proj) and j["state"] in {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED"}
-    ]
-    if live:
-        subprocess.run(["scancel", *live], check=False, timeout=30)
-
-
 @pytest.fixture(scope="session")
-def slurm_run(
-    slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Path, float, str]]:
+def slurm_run(slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, str]:
     """The tiny DAG built by `snakemake --profile .ci/slurm-profile --workflow-profile
-    workflow/profiles/slurm`: (copy, seconds, log)."""
-    proj = make_project(tmp_path_factory.mktemp("slurm"), TINY_PARAMS)
-    t0 = time.perf_counter()
-    try:
-        # `timeout -k`: Snakemake answers SIGTERM by waiting for its running jobs.
-        cmd = ["timeout", "-k", "10", str(SMK_TIMEOUT_S), "snakemake", *PROFILES]
-        proc = run(cmd, proj, timeout=SMK_TIMEOUT_S + 60)
-        seconds = time.perf_counter() - t0
-        print(f"\nthe tiny DAG through SLURM took {seconds:.1f} s", file=sys.stderr)
-        yield proj, seconds, proc.stdout + proc.stderr
-    finally:
-        _cancel_jobs_in(proj)  # only matters when the run failed or timed out
+    workflow/profiles/slurm` (started in the background as the session began, see conftest.py):
+    (project, seconds, Snakemake's output)."""
+    return slurm_scenarios.result("tiny_dag", tmp_path_factory.mktemp("slurm"), SMK_TIMEOUT_S + 120)
 
 
 @pytest.mark.slow
@@ -106,7 +53,7 @@ def test_every_stage_ran_as_a_slurm_job(slurm_run: tuple[Path, float, str]) -> N
     proj, _seconds, log = slurm_run
     rules, _metrics = dag_rules_and_metrics(proj)
     assert "shard" in rules
-    jobs = _squeue_jobs()
+    jobs = squeue_jobs()
     local = {"check", "report"}  # localrules: they run where Snakemake runs, no sbatch job
     for rule in local:
         assert not (proj / ".snakemake" / "slurm_logs" / f"rule_{rule}").exists(), rule
@@ -217,98 +164,35 @@ def test_launch_outside_slurm() -> None:
 
 # --- long trainings: SIGUSR1 -> checkpoint -> the job requeues itself in place -----------------------
 
-REQUEUE_STEPS = 3000  # tiny base model: tens of seconds on 2 CPUs, long enough to interrupt twice
-
-
-def _job_of(proj: Path, rule: str) -> tuple[str, str] | None:
-    """(job id, state) of the newest job of ``rule`` submitted from ``proj``, or None."""
-    mine = [(int(i), j["state"]) for i, j in _squeue_jobs().items()
-            if j["workdir"] == str(proj) and j["comment"] == f"rule_{rule}"]  # fmt: skip
-    return (str(max(mine)[0]), max(mine)[1]) if mine else None
-
-
-def _ckpt_step(path: Path) -> int:
-    import torch
-
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
-    except (FileNotFoundError, EOFError, RuntimeError):  # not written yet (or being replaced)
-        return -1
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
 def test_a_training_spans_three_windows_by_requeueing_itself(
-    slurm_run: tuple[Path, float, str], tmp_path: Path
+    slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """train_base longer than its windows: each time SLURM's time-limit warning (SIGUSR1 to the job
-    steps, what `--signal=USR1@<s>` sends) arrives, the engine checkpoints and requeues the job in
-    place; the third window finishes. Snakemake sees one job (no retry), and the weights equal an
-    uninterrupted run's. The test sends the signal itself (`scancel --signal=USR1`, steps only, as
-    `--signal` does) once a window has trained past a checkpoint: SLURM's own warning comes on a
-    30-s timer, up to a minute early, which makes short windows arbitrary. It also lets a requeued
-    job start at once (SLURM holds one for ~2 min: `scontrol update StartTime=now`)."""
+    """train_base longer than its windows (slurm_scenarios.requeue_scenario): each time SLURM's
+    time-limit warning (SIGUSR1 to the job steps, what `--signal=USR1@<s>` sends) arrives, the
+    engine checkpoints and requeues the job in place; the third window finishes. Snakemake sees one
+    job (no retry), and the weights equal an uninterrupted run's. The scenario sends the signal
+    itself (`scancel --signal=USR1`, steps only, as `--signal` does) once a window has trained past
+    a checkpoint: SLURM's own warning comes on a 30-s timer, up to a minute early, which makes short
+    windows arbitrary; and it lets a requeued job start at once (`scontrol update StartTime=now`)."""
     import torch
-    import yaml
 
-    built, _seconds, _log = slurm_run
-    params = yaml.safe_load((built / "params.yaml").read_text())
-    params["base"]["train"] |= {"max_steps": REQUEUE_STEPS, "ckpt_every": 100, "log_every": 500}
-    copies = {}
-    for name in ("slurm", "local"):
-        copies[name] = tmp_path / name
-        shutil.copytree(built, copies[name], symlinks=True)
-        (copies[name] / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proj = copies["slurm"]
-    profile = yaml.safe_load((proj / "workflow/profiles/slurm/config.yaml").read_text())
-    profile["set-resources"]["train_base"]["slurm_extra"] = "'--requeue --open-mode=append'"
-    (proj / "requeue_profile").mkdir()
-    (proj / "requeue_profile/config.yaml").write_text(yaml.safe_dump(profile))
-
-    # The reference: the same training, never interrupted, on this machine (2 ranks as in SLURM).
-    run(["python", "-m", "arsr.stages.launch", "train_base"], copies["local"], timeout=900)
-
-    cmd = ["timeout", "-k", "10", "900", "snakemake", "--profile", ".ci/slurm-profile", "--workflow-profile",
-           "requeue_profile", "runs/base/model.pt"]  # fmt: skip
-    smk = subprocess.Popen(
-        cmd, cwd=proj, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    ckpt = proj / "runs/base/ckpt/last.pt"
-    try:
-        signals, seen_step, deadline = 0, _ckpt_step(ckpt), time.monotonic() + 800
-        while signals < 2 and time.monotonic() < deadline and smk.poll() is None:
-            time.sleep(0.5)
-            job = _job_of(proj, "train_base")
-            if job is None:
-                continue
-            job_id, state = job
-            step = _ckpt_step(ckpt)
-            if state == "RUNNING" and step > seen_step and step < REQUEUE_STEPS - 500:
-                subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
-                signals += 1
-                # Wait for the requeue (the job leaves RUNNING), then let it start again now.
-                while time.monotonic() < deadline and _job_of(proj, "train_base") == (job_id, "RUNNING"):
-                    time.sleep(0.5)
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
-                seen_step = _ckpt_step(ckpt)
-        out, _ = smk.communicate(timeout=900)
-    finally:
-        if smk.poll() is None:
-            smk.kill()
-        _cancel_jobs_in(proj)
-    assert signals == 2, out[-4000:]
-    assert smk.returncode == 0, out[-4000:]
-    job_id, state = _job_of(proj, "train_base") or ("", "")
-    assert state == "COMPLETED", out[-4000:]
+    r = slurm_scenarios.result("requeue", tmp_path_factory.mktemp("slurm"), CLUSTER_TEST_TIMEOUT_S - 60)
+    proj, out = r["proj"], r["output"]
+    assert r["signals"] == 2, out[-4000:]
+    assert r["returncode"] == 0, out[-4000:]
+    assert r["state"] == "COMPLETED", out[-4000:]
     assert out.count("has been submitted with SLURM jobid") == 1, out[-4000:]  # one job, no retry
-    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
-    assert "Restarts=2" in shown.stdout, shown.stdout
-    slurm_log = (proj / ".snakemake/slurm_logs/rule_train_base" / f"{job_id}.log").read_text()
-    stage_log = slurm_log + "".join(p.read_text() for p in (proj / "logs").rglob("train_base*.log"))
+    assert "Restarts=2" in r["scontrol"], r["scontrol"]
+    # Every window's output is in the job's SLURM log (append mode); the rule log has the last one.
+    slurm_log = (proj / ".snakemake/slurm_logs/rule_train_base" / f"{r['job_id']}.log").read_text()
     for n in (1, 2):
-        assert f"requeued ({n} of at most 10)" in stage_log, stage_log[-4000:]
+        assert f"requeued ({n} of at most 10)" in slurm_log, slurm_log[-4000:]
+    assert "resuming from" in (proj / "logs/snakemake/train_base.log").read_text()
     got = torch.load(proj / "runs/base/model.pt", map_location="cpu", weights_only=False)
-    want = torch.load(copies["local"] / "runs/base/model.pt", map_location="cpu", weights_only=False)
+    want = torch.load(r["reference"] / "runs/base/model.pt", map_location="cpu", weights_only=False)
     assert got["step"] == want["step"] == REQUEUE_STEPS
     for key, value in want["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][key], value, rtol=0, atol=0, msg=key)
@@ -381,7 +265,7 @@ def test_two_nodes_of_four_gpus_reach_sbatch_per_node(tmp_path: Path) -> None:
     site.mkdir()
     profile = (ROOT_DIR / ".ci/slurm-profile/config.yaml").read_text()
     (site / "config.yaml").write_text(profile.replace("gpus_per_node: 0", "gpus_per_node: 4").replace(
-        "train_nodes: 1", "train_nodes: 2"))  # fmt: skip
+        "train_nodes: 1", "train_nodes: 2").replace("cpus_per_node: 2", "cpus_per_node: 64"))  # fmt: skip
     res = _dry_run_resources(proj, site, "train_srvar")
     assert (res["nodes"], res["tasks"], res["gres"], res["mpi"]) == (2, 2, "gpu:4", "srun"), res
     workers = TINY_PARAMS.get("resources", {}).get("train_srvar", {}).get("workers", 1)

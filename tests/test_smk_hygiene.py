@@ -96,10 +96,10 @@ def test_every_stage_has_a_log_and_a_benchmark_and_cheap_ones_are_local(fresh: P
         rule = rules[name]
         assert rule["log"] == [f"{LOGS}/{name}.log"], (name, rule)
         assert rule["benchmark"] == f"{LOGS}/{name}.benchmark.tsv", (name, rule)
-        # stdout and stderr go to the log (emptied first, unless SLURM requeued the job); the
-        # command comes last, without a redirection of its own, so that bash execs it
+        # stdout and stderr go to the log (in a SLURM job also to the job's log); the command comes
+        # last, without a redirection of its own, so that bash execs it
         shell = rule["shell"]
-        assert ": > {log}; exec >> {log} 2>&1;" in shell and "SLURM_RESTART_COUNT" in shell, (name, shell)
+        assert "exec >> {log} 2>&1;" in shell and "exec tee -a {log}" in shell, (name, shell)
         assert shell.endswith(" {params.cmd}"), (name, shell)
         assert rule["local"] == (name in LOCAL), name
     # What the report shows: every dvc.yaml metrics file, the evaluation table, the samples, the page.
@@ -164,19 +164,27 @@ def test_a_stage_named_as_target_is_up_to_date_without_a_benchmark(dvc_project: 
 
 def test_the_log_keeps_the_stage_the_process_snakemake_started(rules: dict, tmp_path: Path) -> None:
     """The check rule's command as Snakemake runs it (`bash -c "set -euo pipefail; ..."`): bash execs
-    the stage (signals such as SLURM's USR1 reach it, not a shell), whose output goes to the log,
-    emptied first unless SLURM requeued the job."""
+    the stage (signals such as SLURM's USR1 reach it, not a shell), whose output goes to the log
+    (Snakemake empties it before a job); in a SLURM job to the job's own log too (what survives a
+    requeue), through a `tee` that SIGUSR1 does not stop."""
     log = tmp_path / "check.log"
     stage = f"{sys.executable} -c 'import os; print(os.getppid())'"
     cmd = rules["check"]["shell"].format(log=log, threads=1, params=SimpleNamespace(cmd=stage))
 
-    def job(restarts: str) -> None:
-        env = {**os.environ, "SLURM_RESTART_COUNT": restarts}
-        proc = subprocess.run(["bash", "-c", f"set -euo pipefail; {cmd}"], env=env, capture_output=True)
-        assert proc.returncode == 0 and proc.stdout == b"", proc
-
-    job("0")
-    job("1")
-    assert log.read_text().split() == [str(os.getpid())] * 2  # no bash in between; appended on a restart
-    job("0")
-    assert log.read_text().split() == [str(os.getpid())]
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    proc = subprocess.run(["bash", "-c", f"set -euo pipefail; {cmd}"], env=env, capture_output=True)
+    assert proc.returncode == 0 and proc.stdout == b"", proc
+    assert log.read_text().split() == [str(os.getpid())]  # no bash in between
+    # In a SLURM job: the log and stdout (the job's log) both; a USR1 to the job's processes (what
+    # the time-limit warning does) leaves the tee running, so the stage can still write.
+    stage = (
+        f"{sys.executable} -c 'import os, signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
+        "os.killpg(0, signal.SIGUSR1); time.sleep(0.2); print(os.getppid(), flush=True)'"
+    )
+    cmd = rules["check"]["shell"].format(log=log, threads=1, params=SimpleNamespace(cmd=stage))
+    proc = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; {cmd}"], env={**env, "SLURM_JOB_ID": "7"}, capture_output=True,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc
+    assert proc.stdout.split() == log.read_text().split()[1:] == [str(os.getpid())], (proc, log.read_text())

@@ -98,8 +98,9 @@ class StageTarget:
             fix += f", or {res}.accum to {accum} (a divisor of the {per_rank} samples per rank)"
         others = f"{nodes_name} or {ranks}" if self.gpus_per_node else f"{ranks}, {res}.accum or {nodes_name}"
         return (
-            f"{key}: {b} is not divisible by {self.nodes} node(s) ({nodes_name}) x {self.ranks_per_node} ranks "
-            f"per node ({ranks}) x accum {self.accum} ({res}.accum) = {d}; {fix}; or change {others}"
+            f"{key}: {b} is not divisible by {self.nodes} node(s) ({nodes_name}) x "
+            f"{self.ranks_per_node} ranks per node ({ranks}) x accum {self.accum} ({res}.accum) = {d}; "
+            f"{fix}; or change {others}"
         )
 
 

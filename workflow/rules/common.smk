@@ -159,13 +159,17 @@ def shell_template(name, resources):
     """The rule's shell template: the stage's command (params.cmd, so a changed dvc.yaml command is a
     params change) after its resources (final values: set-resources applied) and cores, its stdout
     and stderr into the log. Constant per stage, so Snakemake's code trigger does not fire when a
-    resource changes. The log is emptied when the job starts, but not when SLURM requeued the job
-    (SLURM_RESTART_COUNT > 0: a training that checkpointed at its time limit and resumes), so a
-    training that spans several windows keeps them all in one log. The redirection is an `exec` of
-    its own, not a suffix of the command: bash then execs the stage (its last command) instead of
-    waiting for it, so signals (SLURM's USR1 before the time limit) reach the stage, not a shell."""
+    resource changes. Snakemake empties the log before each run of the job, a requeued SLURM job's
+    too; so in a SLURM job the output also goes to the job's SLURM log (`tee`, which ignores the
+    time-limit signal meant for the stage; the profile opens that log in append mode), which keeps
+    every window of a training that spans several. The redirection is an `exec` of its own, not a
+    suffix of the command: bash then execs the stage (its last command) instead of waiting for it,
+    so signals (SLURM's USR1 before the time limit) reach the stage, not a shell."""
     env = [f"{RESOURCES_ENV_PREFIX}{name.upper()}__{k.upper()}={{resources.{k}}}" for k in resources]
-    log = '[ "${{SLURM_RESTART_COUNT:-0}}" != 0 ] || : > {log}; exec >> {log} 2>&1;'
+    log = (
+        'if [ -n "${{SLURM_JOB_ID:-}}" ]; then exec > >(trap "" USR1 TERM; exec tee -a {log}) 2>&1; '
+        "else exec >> {log} 2>&1; fi;"
+    )
     return " ".join([log, *env, f"{CPUS_ENV}={{threads}}", "{params.cmd}"])
 
 
