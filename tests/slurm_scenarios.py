@@ -136,9 +136,10 @@ def requeue_scenario(built: Future, root: Path) -> dict[str, Any]:
         (copies[name] / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proj = copies["requeue"]
     _projects.append(proj)
-    # The workflow profile, without the time-limit signal (the scenario sends it).
+    # The workflow profile with a short time limit (5 min: each window ends well before it), without
+    # the time-limit signal (the scenario sends it).
     profile = yaml.safe_load((proj / "workflow/profiles/slurm/config.yaml").read_text())
-    profile["set-resources"]["train_base"]["slurm_extra"] = "'--requeue --open-mode=append'"
+    profile["set-resources"]["train_base"] |= {"runtime": 5, "slurm_extra": "'--requeue --open-mode=append'"}
     (proj / "requeue_profile").mkdir()
     (proj / "requeue_profile/config.yaml").write_text(yaml.safe_dump(profile))
 
