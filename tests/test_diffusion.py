@@ -11,14 +11,8 @@ import torch
 from arsr.models.diffloss import DiffLoss, SimpleMLPAdaLN
 from arsr.models.diffusion import GaussianDiffusion, create_diffusion, space_timesteps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box: one intra-op thread avoids OpenMP spin-wait stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny ops on a shared 2-core box: one intra-op thread (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -29,13 +29,8 @@ from arsr.models.vqvae import VQVAE, VQVAEConfig
 SEEDS = [11, 7, 2**31 + 3, 0]  # one per row of a batch of 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box: one intra-op thread avoids OpenMP spin-wait stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny ops on a shared 2-core box: one intra-op thread (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int) -> torch.Generator:
