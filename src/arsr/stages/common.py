@@ -167,21 +167,24 @@ def stage_main(
     return run_stage(name, run, stage_parser(name, doc, add_args).parse_args(argv))
 
 
-def params_option(argv: list[str]) -> str:
-    """The ``--params`` value of a stage's command line (``--params F``, ``--params=F``, an
-    abbreviation), parsed as the stage's own parser will; params.yaml when absent. For the launcher,
-    which must read ``resources.<stage>.nproc`` before the stage runs."""
+def stage_option(argv: list[str], name: str, default: str) -> str:
+    """The ``--<name>`` value of a stage's command line (``--name F``, ``--name=F``, an abbreviation),
+    parsed as the stage's own parser will; ``default`` when absent. For the launcher, which must read
+    some of them before the stage runs."""
     ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--params", default="params.yaml")
-    return ap.parse_known_args(argv)[0].params
+    ap.add_argument(f"--{name}", default=default)
+    return getattr(ap.parse_known_args(argv)[0], name)
+
+
+def params_option(argv: list[str]) -> str:
+    """The ``--params`` file of a stage's command line: the launcher reads ``resources.<stage>.nproc``."""
+    return stage_option(argv, "params", "params.yaml")
 
 
 def out_option(argv: list[str], default: str | Path) -> Path:
-    """The ``--out`` value of a training stage's command line (as :func:`params_option` reads
-    ``--params``), ``default`` when absent: the run folder whose lock the launcher holds."""
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--out", default=str(default))
-    return Path(ap.parse_known_args(argv)[0].out)
+    """The ``--out`` folder of a training stage's command line: the run folder whose lock the
+    launcher holds."""
+    return Path(stage_option(argv, "out", str(default)))
 
 
 # --------------------------------------------------------------------------------------
